@@ -1,0 +1,28 @@
+"""Build the model and components a validated recipe names, through the registries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from atoken_core.flavors import FLAVORS
+from atoken_core.model import AToken
+from atoken_core.recipe import ComponentSpec, Recipe
+from atoken_core.registry import Registries
+
+
+def build_bottleneck(spec: ComponentSpec, registries: Registries, *, in_dim: int, latent_dim: int) -> Any:
+    return registries["bottleneck"].get(spec.kind).build(spec.config, in_dim=in_dim, latent_dim=latent_dim)
+
+
+def build_model(recipe: Recipe, registries: Registries, bottleneck: ComponentSpec | None = None) -> AToken:
+    flavor = FLAVORS[recipe.model.flavor]
+    spec = bottleneck or recipe.bottleneck
+    return AToken(flavor, build_bottleneck(spec, registries, in_dim=flavor.width, latent_dim=recipe.model.latent_dim))
+
+
+def build_modality(recipe: Recipe, registries: Registries, name: str) -> Any:
+    return registries["modality"].get(name).build(recipe.modality_config(registries, name))
+
+
+def build_component(spec: ComponentSpec, kind: str, registries: Registries, **kwargs: Any) -> Any:
+    return registries[kind].get(spec.kind).build(spec.config, **kwargs)

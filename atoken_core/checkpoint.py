@@ -1,0 +1,112 @@
+"""Checkpoints as safetensors (never pickle), written atomically, describing themselves.
+
+One file holds the model (``model.*``), optionally the optimiser state (``optim.*``) and
+RNG state (``rng.*``); its metadata holds the resolved recipe (JSON), the package version,
+the step and the stage, so ``atoken encode --ckpt`` can rebuild the model from the file alone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from atoken_core import __version__
+from atoken_core.io import atomic_write_bytes, read_bytes
+
+FORMAT = "atoken-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(
+    path: str,
+    model: torch.nn.Module,
+    *,
+    recipe: dict[str, Any],
+    step: int,
+    stage: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra_metadata: dict[str, Any] | None = None,
+) -> None:
+    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    meta: dict[str, Any] = {"step": step, "stage": stage}
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        for pid, pstate in state["state"].items():
+            for name, value in pstate.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{pid}.{name}"] = value.detach().contiguous().clone()
+        meta["optim_param_groups"] = state["param_groups"]
+        tensors["rng.torch"] = torch.get_rng_state()
+    meta.update(extra_metadata or {})
+    metadata = {
+        "format": FORMAT,
+        "atoken_version": __version__,
+        "recipe": json.dumps(recipe, sort_keys=True),
+        "state": json.dumps(meta, sort_keys=True),
+    }
+    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """-> (tensors, metadata with 'recipe' and 'state' decoded)."""
+    try:
+        data = read_bytes(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        raw = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an atoken checkpoint (metadata format={raw.get('format')!r})")
+    meta = dict(raw)
+    meta["recipe"] = json.loads(raw["recipe"])
+    meta["state"] = json.loads(raw["state"])
+    return tensors, meta
+
+
+def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``model.*`` tensors strictly; on any difference list every one of them."""
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{source}: checkpoint does not match this model architecture"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+        for line in shapes[:8]:
+            lines.append(f"  shape mismatch {line}")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    groups = meta["state"].get("optim_param_groups")
+    if groups is None:
+        raise CheckpointError("checkpoint holds no optimiser state (exported weights only); cannot resume from it")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])

@@ -1,0 +1,228 @@
+"""The ``atoken`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from atoken_core import __version__
+
+EXIT_USAGE = 2
+
+
+def _registries():
+    from atoken_core.plugin_manager import get_registries
+
+    return get_registries()
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from atoken_core.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, _registries(), args.set)
+    steps = sum(s.steps for s in recipe.stage)
+    print(f"{args.recipe}: OK ({len(recipe.stage)} stage(s), {steps} steps, flavor {recipe.model.flavor}, "
+          f"bottleneck {recipe.bottleneck.kind}, losses {', '.join(s.kind for s in recipe.loss)})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from atoken_core.recipe import load_recipe
+    from atoken_core.train import run_recipe
+
+    registries = _registries()
+    recipe = load_recipe(args.recipe, registries, args.set)
+    out = args.out or recipe.resolved_output_dir()
+    report = run_recipe(recipe, registries, out, resume=args.resume, progress=not args.no_progress)
+    print(summary(report, out))
+    return 0
+
+
+def summary(report: dict[str, Any], out: str) -> str:
+    lines = [f"run {report['recipe']!r}: {report['steps']} steps, outputs in {out}"]
+    for modality, final in report["final"].items():
+        start = report["step_0"][modality]["mean"]
+        end = final["mean"]
+        lines.append(f"  {modality} held-out PSNR {start['psnr']:.2f} dB at step 0 -> {end['psnr']:.2f} dB "
+                     f"(SSIM {start['ssim']:.3f} -> {end['ssim']:.3f})")
+        pca = (report.get("pca_baseline") or {}).get(modality)
+        if pca:
+            lines.append(f"  {modality} PCA baseline ({pca['components']} components): PSNR {pca['mean']['psnr']:.2f} dB, "
+                         f"SSIM {pca['mean']['ssim']:.3f}")
+    return "\n".join(lines)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    registries = _registries()
+    rows = [
+        {"kind": kind, "name": e.component.name, "plugin": e.plugin, "doc": e.component.doc}
+        for kind, reg in registries.by_kind.items()
+        for e in reg.list()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for kind, reg in registries.by_kind.items():
+        print(f"{kind}:")
+        for e in reg.list():
+            print(f"  {e.component.name:<18} [{e.plugin}] {e.component.doc}")
+    return 0
+
+
+def _load_model(ckpt: str):
+    from atoken_core.build import build_model
+    from atoken_core.checkpoint import load_model_state, read_checkpoint
+    from atoken_core.recipe import recipe_from_dict
+
+    registries = _registries()
+    tensors, meta = read_checkpoint(ckpt)
+    recipe = recipe_from_dict(meta["recipe"], registries, f"{ckpt} (recipe in metadata)")
+    stage = int(meta["state"].get("stage", 0))
+    from atoken_core.build import build_component
+
+    plan = build_component(recipe.curriculum, "curriculum", registries).stages(recipe)[stage]
+    model = build_model(recipe, registries, plan.bottleneck)
+    load_model_state(model, tensors, ckpt)
+    model.eval()
+    return model, recipe, registries, meta
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save as st_save
+
+    from atoken_core.build import build_modality
+    from atoken_core.io import atomic_write_bytes
+    from atoken_modalities.image_impl import load_image
+
+    model, recipe, registries, meta = _load_model(args.ckpt)
+    modality = build_modality(recipe, registries, "image")
+    image = load_image(args.input)
+    tokens = modality.patchify([image], model.spec)
+    with torch.no_grad():
+        latent = model.bottleneck.encode_project(model.encode(tokens.patches))
+    tensors = {"coords": tokens.patches.coords.contiguous()}
+    if model.bottleneck.discrete:
+        tensors["codes"] = model.bottleneck.latent_to_codes(latent).contiguous()
+    else:
+        tensors["latent"] = latent.contiguous()
+    metadata = {
+        "format": "atoken-tokens-v1",
+        "modality": "image",
+        "meta": json.dumps(tokens.meta),
+        "checkpoint_step": str(meta["state"]["step"]),
+        "recipe": recipe.name,
+    }
+    atomic_write_bytes(args.output, st_save(tensors, metadata=metadata))
+    kind = "integer codes" if model.bottleneck.discrete else f"{latent.shape[1]}-channel latents"
+    print(f"{args.input}: {latent.shape[0]} tokens ({kind}) -> {args.output}")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    import torch
+
+    from atoken_core.build import build_modality
+    from atoken_core.checkpoint import CheckpointError
+    from atoken_core.io import read_bytes
+    from atoken_core.sparse import Sparse4D
+    from atoken_modalities.image_impl import save_image
+
+    model, recipe, registries, _ = _load_model(args.ckpt)
+    from safetensors.torch import load as st_load
+
+    data = read_bytes(args.tokens)
+    tensors = st_load(data)
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
+    if header.get("format") != "atoken-tokens-v1":
+        raise CheckpointError(f"{args.tokens}: not an atoken tokens file")
+    if "codes" in tensors:
+        latent = model.bottleneck.codes_to_latent(tensors["codes"])
+    else:
+        latent = tensors["latent"]
+    if latent.shape[1] != model.bottleneck.latent_dim:
+        raise CheckpointError(f"{args.tokens}: latent has {latent.shape[1]} channels, the checkpoint's model expects "
+                              f"{model.bottleneck.latent_dim}")
+    modality = build_modality(recipe, registries, header["modality"])
+    meta = json.loads(header["meta"])
+    sparse = Sparse4D.single(latent, tensors["coords"])
+    with torch.no_grad():
+        pixels = model.decode(sparse)
+    image = modality.unpatchify(sparse.with_features(pixels), meta, model.spec)[0]
+    save_image(image, args.output)
+    print(f"{args.tokens}: decoded {latent.shape[0]} tokens -> {args.output} ({image.shape[2]}x{image.shape[1]})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atoken", description="A unified tokenizer for images, videos and 3D assets.")
+    parser.add_argument("--version", action="version", version=f"atoken {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_set(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe value, e.g. --set stage[0].steps=20 (repeatable)")
+
+    p = sub.add_parser("run", help="train (and evaluate) from a recipe")
+    p.add_argument("recipe")
+    p.add_argument("--out", help="output folder (default: the recipe's output_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_set(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a recipe without running it")
+    p.add_argument("recipe")
+    add_set(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plugins", help="list every registered component and its plugin")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("encode", help="image file -> tokens (.safetensors)")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="tokens (.safetensors) -> image file")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("tokens")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_decode)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from atoken_core.checkpoint import CheckpointError
+    from atoken_core.config import ConfigError
+    from atoken_core.plugin_manager import PluginLoadError
+    from atoken_core.registry import RegistryError
+    from atoken_core.train import TrainingError
+    from atoken_losses.vgg16_weights import WeightsError
+    from atoken_modalities.image_impl import ImageError
+
+    return (ConfigError, RegistryError, PluginLoadError, CheckpointError, TrainingError, WeightsError, ImageError,
+            FileNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("atoken: interrupted (the last checkpoint on disk is complete; continue with --resume)", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if isinstance(err, _user_errors()):
+            print(f"atoken: error: {err}", file=sys.stderr)
+            return EXIT_USAGE if type(err).__name__ == "ConfigError" else 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

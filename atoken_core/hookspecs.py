@@ -1,0 +1,66 @@
+"""The ``atoken_*`` hooks through which plugins provide components.
+
+Each hook takes no arguments and returns a list of :class:`~atoken_core.registry.Component`
+describing what the plugin provides. Results are *collected*, one list per plugin, never
+short-circuited: the plugin manager calls every implementation and registers each
+component under its name in the registry of that kind, so two plugins claiming one name
+is an error that names both.
+
+Plugin modules must stay cheap to import (they are loaded eagerly from entry points):
+a component's factory is given as a ``"module:attribute"`` string and imported only when
+a recipe builds it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from atoken_core import hookspec
+
+if TYPE_CHECKING:
+    from atoken_core.registry import Component
+
+
+@hookspec
+def atoken_modalities() -> list[Component]:
+    """Return the modalities this plugin provides.
+
+    A modality's factory builds an :class:`atoken_core.interfaces.Modality` from its
+    config; it turns samples into sparse 4D tokens and back.
+    """
+
+
+@hookspec
+def atoken_bottlenecks() -> list[Component]:
+    """Return the bottlenecks (continuous or discrete) this plugin provides.
+
+    The factory is called as ``factory(config, in_dim=..., latent_dim=...)`` and returns an
+    :class:`atoken_core.interfaces.Bottleneck`.
+    """
+
+
+@hookspec
+def atoken_losses() -> list[Component]:
+    """Return the losses this plugin provides.
+
+    The factory is called as ``factory(config)`` and returns an
+    :class:`atoken_core.interfaces.Loss` producing named terms.
+    """
+
+
+@hookspec
+def atoken_curricula() -> list[Component]:
+    """Return the curricula this plugin provides.
+
+    The factory is called as ``factory(config)`` and returns an
+    :class:`atoken_core.interfaces.Curriculum` that orders the recipe's stages.
+    """
+
+
+@hookspec
+def atoken_datasets() -> list[Component]:
+    """Return the data sources this plugin provides.
+
+    The factory is called as ``factory(config, modality=...)`` and returns an
+    :class:`atoken_core.interfaces.DataSource` of training and evaluation samples.
+    """

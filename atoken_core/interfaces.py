@@ -1,0 +1,150 @@
+"""The four abstract interfaces plugins implement: Modality, Bottleneck, Loss, Curriculum
+(plus DataSource, which feeds a modality).
+
+Plugins subclass these in modules their factories point at; the plugin's registration
+module itself stays free of torch imports.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from atoken_core.sparse import Sparse4D
+
+
+@attrs.frozen
+class PatchSpec:
+    """How the shared 4D space is cut into tokens: ``t x p x p`` blocks of ``channels``."""
+
+    patch_size: int
+    temporal_patch: int
+    channels: int = 3
+
+    @property
+    def frame_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+
+@attrs.frozen
+class Tokens:
+    """A modality's patchified samples: patch pixels as features, 4D coords, and what
+    ``unpatchify`` needs to restore each sample exactly (original sizes, padding)."""
+
+    patches: Sparse4D  # features (L, frames * p * p * C), channel-last inside each patch
+    meta: list[dict[str, Any]]
+
+
+class Modality(abc.ABC):
+    """One kind of visual input living in its own subspace of the shared 4D space."""
+
+    name: str
+    #: axes whose coordinate may be non-zero, e.g. ("x", "y") for images
+    subspace: tuple[str, ...]
+
+    @abc.abstractmethod
+    def patchify(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> Tokens:
+        """Cut samples into patches with integer coordinates; pack them into one batch."""
+
+    @abc.abstractmethod
+    def unpatchify(self, patches: Sparse4D, meta: list[dict[str, Any]], spec: PatchSpec) -> list[torch.Tensor]:
+        """Inverse of :meth:`patchify` (up to the reconstruction itself)."""
+
+    def default_losses(self) -> list[str]:
+        return ["l1"]
+
+    def default_metrics(self) -> list[str]:
+        return ["psnr"]
+
+
+@attrs.frozen
+class BottleneckOutput:
+    latent: torch.Tensor  # (L, latent_dim): what the decoder receives
+    aux: Mapping[str, Any] = attrs.field(factory=dict)  # e.g. {"posterior": ...} or {"codes": ...}
+    codes: torch.Tensor | None = None  # (L, groups) int64 for discrete bottlenecks
+
+
+class Bottleneck(nn.Module, abc.ABC):
+    """Maps encoder features (L, in_dim) to the reconstruction latent (L, latent_dim).
+
+    Owns the projection ``W_r``. Continuous bottlenecks expose a distribution in ``aux``;
+    discrete ones return integer ``codes`` and implement :meth:`codes_to_latent`.
+    """
+
+    discrete: bool = False
+    latent_dim: int
+
+    @abc.abstractmethod
+    def forward(self, features: torch.Tensor, *, sample: bool = True) -> BottleneckOutput: ...
+
+    @abc.abstractmethod
+    def encode_project(self, features: torch.Tensor) -> torch.Tensor:
+        """The deterministic latent (posterior mode / quantised value) for export."""
+
+    def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} is continuous; it has no codes")
+
+    def linear_init(self, basis: torch.Tensor) -> None:
+        """Make the latent equal ``features @ basis.T`` at initialisation (for PCA init)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support linear initialisation")
+
+
+@attrs.frozen
+class LossInputs:
+    modality: str
+    target: torch.Tensor  # (B, C, H, W) for images, values in [-1, 1]
+    recon: torch.Tensor
+    bottleneck: BottleneckOutput
+    # Shared per-step memo so losses that look at the same network features (LPIPS, Gram)
+    # run that network once.
+    cache: dict[str, Any] = attrs.field(factory=dict)
+
+
+class Loss(nn.Module, abc.ABC):
+    """Named loss terms from inputs and reconstructions."""
+
+    @abc.abstractmethod
+    def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]: ...
+
+
+@attrs.frozen
+class StagePlan:
+    index: int
+    name: str
+    steps: int
+    modalities: tuple[str, ...]
+    batch_size: int
+    lr: float
+    bottleneck: Any  # ComponentSpec in force for this stage
+
+
+class Curriculum(abc.ABC):
+    """Orders the recipe's stages and says which modality each micro-step trains on."""
+
+    @abc.abstractmethod
+    def stages(self, recipe: Any) -> list[StagePlan]: ...
+
+    @abc.abstractmethod
+    def modality_schedule(self, stage: StagePlan, step: int) -> list[str]:
+        """Modalities whose gradients are accumulated into optimiser step ``step``."""
+
+
+class DataSource(abc.ABC):
+    """Training and held-out samples for one modality."""
+
+    @abc.abstractmethod
+    def train_batch(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """A batch drawn with ``generator`` only, so a step's batch is a function of the seed."""
+
+    @abc.abstractmethod
+    def eval_samples(self) -> list[tuple[str, torch.Tensor]]:
+        """Held-out (name, sample) pairs at native size."""
+
+    def train_pool(self) -> Iterator[torch.Tensor]:
+        """Every training sample once (used to fit the PCA baseline / PCA init)."""
+        raise NotImplementedError

@@ -1,0 +1,47 @@
+"""File I/O through fsspec: atomic writes and the cache folder."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import fsspec
+
+CACHE_ENV = "ATOKEN_CACHE"
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept: ``$ATOKEN_CACHE`` or ``~/.cache/atoken``."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "atoken")
+    return Path(root)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one,
+    never a partial one: write a temporary sibling, flush it to disk, then rename."""
+    fs, fpath = fsspec.core.url_to_fs(path)
+    parent = fpath.rsplit("/", 1)[0] if "/" in fpath else "."
+    if not fs.exists(parent):
+        raise FileNotFoundError(f"{path}: parent folder {parent!r} does not exist")
+    tmp = f"{fpath}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+            if hasattr(f, "flush"):
+                f.flush()
+            if hasattr(f, "fileno"):
+                try:
+                    os.fsync(f.fileno())
+                except (OSError, ValueError, AttributeError):
+                    pass  # not a local file
+        fs.mv(tmp, fpath)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def read_bytes(path: str) -> bytes:
+    with fsspec.open(path, "rb") as f:
+        return f.read()

@@ -1,0 +1,180 @@
+"""The AToken transformer: patch embedding over t x p x p blocks, pre-norm blocks with 4D
+rotary position embedding, and attention restricted to each packed sample."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from atoken_core.flavors import FLAVORS, Flavor
+from atoken_core.interfaces import Bottleneck, BottleneckOutput, PatchSpec
+from atoken_core.sparse import Sparse4D
+
+__all__ = ["FLAVORS", "AToken", "Flavor", "RoPE4D"]
+
+
+class RoPE4D(nn.Module):
+    """Rotary embedding over (t, x, y, z): the head dimension is split into four equal groups
+    of rotation pairs, one group per axis, so a query-key score depends only on the
+    coordinate difference along every axis. Dimensions left over (head_dim not divisible by
+    8) are not rotated."""
+
+    def __init__(self, head_dim: int, theta: float = 100.0) -> None:
+        super().__init__()
+        self.pairs_per_axis = head_dim // 8
+        if self.pairs_per_axis == 0:
+            raise ValueError(f"head_dim {head_dim} is too small for 4D RoPE (needs >= 8)")
+        n = self.pairs_per_axis
+        freqs = theta ** (-torch.arange(n, dtype=torch.float64) / n)
+        self.register_buffer("freqs", freqs.float(), persistent=False)
+
+    def angles(self, coords: torch.Tensor) -> torch.Tensor:
+        """(L, 4) integer coords -> (L, 4 * pairs) rotation angles."""
+        ang = coords.to(self.freqs.dtype)[:, :, None] * self.freqs  # (L, 4, n)
+        return ang.flatten(1)
+
+    def forward(self, x_lhd: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        rot = 8 * self.pairs_per_axis
+        x_rot, x_pass = x_lhd[..., :rot], x_lhd[..., rot:]
+        pairs = x_rot.float().unflatten(-1, (-1, 2))  # (L, H, 4n, 2)
+        cos = angles.cos()[:, None, :]
+        sin = angles.sin()[:, None, :]
+        a, b = pairs[..., 0], pairs[..., 1]
+        rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        return torch.cat((rotated.to(x_lhd.dtype), x_pass), dim=-1)
+
+
+def packed_attention(q_lhd: torch.Tensor, k_lhd: torch.Tensor, v_lhd: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
+    """Attention within each packed sample only (block-diagonal), without padding."""
+    n = tokens.uniform_length()
+    if n is not None:
+        # Equal lengths: a plain batched call, the fast path for fixed-size training crops.
+        q, k, v = (rearrange(t, "(b n) h d -> b h n d", n=n) for t in (q_lhd, k_lhd, v_lhd))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return rearrange(out, "b h n d -> (b n) h d")
+    ids = tokens.sample_ids()
+    mask_ll = ids[:, None] == ids[None, :]
+    q, k, v = (rearrange(t, "l h d -> 1 h l d") for t in (q_lhd, k_lhd, v_lhd))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_ll)
+    return rearrange(out, "1 h l d -> l h d")
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, rope: RoPE4D) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.rope = rope
+
+    def forward(self, x_ld: torch.Tensor, tokens: Sparse4D, angles: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x_ld), "l (three h d) -> three l h d", three=3, h=self.heads)
+        q, k = self.rope(q, angles), self.rope(k, angles)
+        out = packed_attention(q, k, v, tokens)
+        return self.proj(rearrange(out, "l h d -> l (h d)"))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp: int, rope: RoPE4D) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads, rope)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, width))
+
+    def forward(self, x_ld: torch.Tensor, tokens: Sparse4D, angles: torch.Tensor) -> torch.Tensor:
+        x_ld = x_ld + self.attn(self.norm1(x_ld), tokens, angles)
+        return x_ld + self.mlp(self.norm2(x_ld))
+
+    def zero_residual_branches(self) -> None:
+        for layer in (self.attn.proj, self.mlp[2]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
+class PatchEmbed(nn.Module):
+    """Linear map of a ``t x p x p x C`` block (channel-last inside each frame, SigLIP2's
+    layout). A token with fewer frames than ``t`` (an image) uses only the first frames'
+    weights; the weights of frames 1.. start at zero, so a still image embeds exactly as
+    with a ``p x p`` patch embedding and a video of identical frames gives the same features."""
+
+    def __init__(self, spec: PatchSpec, width: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(width, spec.temporal_patch, spec.frame_dim))
+        self.bias = nn.Parameter(torch.zeros(width))
+        nn.init.trunc_normal_(self.weight[:, 0], std=1.0 / math.sqrt(spec.frame_dim))
+        with torch.no_grad():
+            self.weight[:, 1:].zero_()
+
+    def forward(self, patches_lf: torch.Tensor) -> torch.Tensor:
+        frames = patches_lf.shape[1] // self.spec.frame_dim
+        w = self.weight[:, :frames].flatten(1)
+        return F.linear(patches_lf, w, self.bias)
+
+
+class AToken(nn.Module):
+    """Encoder -> bottleneck (owns W_r) -> decoder, over packed sparse 4D tokens."""
+
+    def __init__(self, flavor: Flavor, bottleneck: Bottleneck, channels: int = 3) -> None:
+        super().__init__()
+        self.flavor = flavor
+        self.spec = PatchSpec(flavor.patch_size, flavor.temporal_patch, channels)
+        w = flavor.width
+        self.rope = RoPE4D(flavor.head_dim, flavor.rope_theta)
+        self.patch_embed = PatchEmbed(self.spec, w)
+        self.encoder = nn.ModuleList(Block(w, flavor.heads, flavor.mlp, self.rope) for _ in range(flavor.depth))
+        self.encoder_norm = nn.LayerNorm(w, eps=1e-6)
+        self.bottleneck = bottleneck
+        self.decoder_in = nn.Linear(bottleneck.latent_dim, w)
+        self.decoder = nn.ModuleList(
+            Block(w, flavor.heads, flavor.mlp, self.rope) for _ in range(flavor.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(w, eps=1e-6)
+        self.pixel_head = nn.Linear(w, flavor.temporal_patch * self.spec.frame_dim)
+        self.apply(self._init_linear)
+
+    @staticmethod
+    def _init_linear(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def encode(self, patches: Sparse4D) -> torch.Tensor:
+        """Patch pixels (L, frames*p*p*C) -> encoder features (L, width)."""
+        angles = self.rope.angles(patches.coords)
+        x_ld = self.patch_embed(patches.features)
+        for block in self.encoder:
+            x_ld = block(x_ld, patches, angles)
+        return self.encoder_norm(x_ld)
+
+    def decode(self, latent: Sparse4D, frames: int = 1) -> torch.Tensor:
+        """Latent (L, latent_dim) -> patch pixels (L, frames*p*p*C)."""
+        angles = self.rope.angles(latent.coords)
+        x_ld = self.decoder_in(latent.features)
+        for block in self.decoder:
+            x_ld = block(x_ld, latent, angles)
+        out = self.pixel_head(self.decoder_norm(x_ld))
+        return out[:, : frames * self.spec.frame_dim]
+
+    def forward(self, patches: Sparse4D, *, sample: bool = True) -> tuple[torch.Tensor, BottleneckOutput]:
+        frames = patches.features.shape[1] // self.spec.frame_dim
+        bott = self.bottleneck(self.encode(patches), sample=sample)
+        recon = self.decode(patches.with_features(bott.latent), frames)
+        return recon, bott
+
+    def num_params(self) -> dict[str, int]:
+        def count(mods: Any) -> int:
+            return sum(p.numel() for m in mods for p in m.parameters())
+
+        return {
+            "encoder": count([self.patch_embed, self.encoder, self.encoder_norm]),
+            "bottleneck": count([self.bottleneck]),
+            "decoder": count([self.decoder_in, self.decoder, self.decoder_norm, self.pixel_head]),
+        }

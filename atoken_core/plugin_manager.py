@@ -1,0 +1,68 @@
+"""The one factory that builds atoken's plugin manager (pytest's pattern).
+
+Built-in plugins are registered from :data:`DEFAULT_PLUGINS`; then every distribution's
+entry points in the group ``atoken`` are loaded, unless ``ATOKEN_DISABLE_PLUGIN_AUTOLOAD``
+is set. ``ATOKEN_PLUGINS=mod1,mod2`` registers extra plugin modules by import name (handy
+for a plugin under development that is not installed).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import pluggy
+
+from atoken_core import PROJECT_NAME, hookspecs
+from atoken_core.registry import Registries
+
+ENTRY_POINT_GROUP = "atoken"
+DISABLE_AUTOLOAD_ENV = "ATOKEN_DISABLE_PLUGIN_AUTOLOAD"
+EXTRA_PLUGINS_ENV = "ATOKEN_PLUGINS"
+
+# Plugin name -> module. The same pairs are declared as entry points in pyproject.toml, so
+# first-party plugins are found exactly as a third party's are; listing them here keeps
+# them available when autoloading is disabled. A test keeps the two lists in step.
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("image", "atoken_modalities.image"),
+    ("photos", "atoken_modalities.photos"),
+    ("bottlenecks", "atoken_bottlenecks"),
+    ("losses", "atoken_losses"),
+    ("curricula", "atoken_core.curricula"),
+)
+
+
+class PluginLoadError(Exception):
+    pass
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    for name, module_name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=name)
+    for module_name in filter(None, os.environ.get(EXTRA_PLUGINS_ENV, "").split(",")):
+        module_name = module_name.strip()
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise PluginLoadError(f"{EXTRA_PLUGINS_ENV}: cannot import plugin module {module_name!r}: {err}") from err
+        if not pm.is_registered(module):
+            pm.register(module, name=module_name)
+    if not os.environ.get(DISABLE_AUTOLOAD_ENV):
+        # Names already registered (the built-ins) are skipped by pluggy.
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    pm.check_pending()
+    return pm
+
+
+@functools.cache
+def _cached_registries(key: tuple[str, str]) -> Registries:
+    return Registries.from_plugin_manager(get_plugin_manager())
+
+
+def get_registries() -> Registries:
+    """Registries for the current process (cached per plugin-loading environment)."""
+    key = (os.environ.get(DISABLE_AUTOLOAD_ENV, ""), os.environ.get(EXTRA_PLUGINS_ENV, ""))
+    return _cached_registries(key)

@@ -1,0 +1,241 @@
+"""The recipe schema: what a ``recipes/*.toml`` file may say, field by field.
+
+Components a user could swap (bottleneck, losses, data sources, curriculum, modalities)
+are given as tables with a ``kind``; the rest of the table is that component's own config,
+checked against the attrs class its plugin registered. :func:`load_recipe` resolves every
+``kind`` and structures every table without building anything, and reports all problems
+in one message.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import fsspec
+
+from atoken_core.config import ConfigError, apply_override, load_toml, structure, unstructure
+from atoken_core.registry import Registries, RegistryError
+
+def doc(text: str, **kwargs: Any) -> Any:
+    """An attrs field with its documentation kept in metadata (shown by ``atoken validate``)."""
+    return attrs.field(metadata={"doc": text}, **kwargs)
+
+
+@attrs.define(kw_only=True)
+class ComponentSpec:
+    """A ``{kind = "...", ...}`` table: the registry name plus that component's own settings."""
+
+    kind: str = doc("registry name of the component (see `atoken plugins`)")
+    params: dict[str, Any] = doc("the rest of the table, checked against the component's config", factory=dict)
+    config: Any = doc("structured config (filled by validation)", default=None, eq=False)
+
+
+@attrs.define(kw_only=True)
+class LossSpec(ComponentSpec):
+    weight: float = doc("multiplier on every term this loss returns", default=1.0)
+    modalities: list[str] | None = doc("modalities this loss applies to (default: all)", default=None)
+
+
+@attrs.define(kw_only=True)
+class ModelConfig:
+    flavor: str = doc("named size preset from atoken_core.model.FLAVORS (tiny, base, so400m)", default="tiny")
+    latent_dim: int = doc("channels of the reconstruction latent z_r (32 in stage 1, 48 from stage 2)", default=32)
+    init: str = doc(
+        "'random', or 'pca': start the patch embedding, latent projection and pixel head at the "
+        "PCA solution of the training patches, with residual branches zero-initialised",
+        default="random",
+    )
+
+
+@attrs.define(kw_only=True)
+class OptimConfig:
+    lr: float = doc("peak learning rate", default=3e-4)
+    betas: list[float] = doc("AdamW betas", factory=lambda: [0.9, 0.95])
+    weight_decay: float = doc("AdamW decoupled weight decay", default=0.1)
+    warmup_steps: int = doc("linear warm-up steps at the start of each stage", default=0)
+    min_lr_ratio: float = doc("cosine schedule floor as a fraction of lr", default=0.1)
+    grad_clip: float = doc("max global gradient norm (0 disables)", default=1.0)
+
+
+@attrs.define(kw_only=True)
+class StageConfig:
+    name: str = doc("stage name, used in logs and checkpoint names")
+    steps: int = doc("optimiser steps in this stage", validator=attrs.validators.ge(1))
+    modalities: list[str] = doc("modalities trained in this stage (round-robin)", factory=lambda: ["image"])
+    batch_size: int = doc("samples per modality per step", default=8, validator=attrs.validators.ge(1))
+    lr: float | None = doc("overrides optim.lr for this stage", default=None)
+    bottleneck: ComponentSpec | None = doc("overrides the recipe's bottleneck from this stage on", default=None)
+
+
+@attrs.define(kw_only=True)
+class LogConfig:
+    every: int = doc("log metrics every N steps", default=10, validator=attrs.validators.ge(1))
+    checkpoint_every: int = doc("write a checkpoint every N steps (and at the end)", default=100)
+    keep_checkpoints: int = doc("how many step checkpoints to keep (the final one is always kept)", default=2)
+    progress: bool = doc("show a progress bar", default=True)
+
+
+@attrs.define(kw_only=True)
+class EvalConfig:
+    grid_images: int = doc("held-out images shown in each reconstruction grid", default=4)
+    pca_baseline: bool = doc("also report PCA of the patches at the same latent size", default=True)
+    max_side: int = doc("held-out images are resized so the longer side is at most this", default=640)
+
+
+@attrs.define(kw_only=True)
+class Recipe:
+    name: str = doc("run name")
+    seed: int = doc("seeds model init, data order and sampling", default=0)
+    output_dir: str = doc("where the run writes (fsspec path or URI); '{name}' is substituted", default="runs/{name}")
+    model: ModelConfig = doc("the transformer", factory=ModelConfig)
+    bottleneck: ComponentSpec = doc("the reconstruction bottleneck (kl or fsq)")
+    loss: list[LossSpec] = doc("[[loss]] blocks: each a registered loss with a weight")
+    modality: dict[str, dict[str, Any]] = doc("[modality.NAME] settings per modality", factory=dict)
+    data: dict[str, ComponentSpec] = doc("[data.MODALITY]: the data source for each modality")
+    curriculum: ComponentSpec = doc(
+        "orders the stages", factory=lambda: ComponentSpec(kind="sequential")
+    )
+    optim: OptimConfig = doc("optimiser and schedule", factory=OptimConfig)
+    stage: list[StageConfig] = doc("[[stage]] blocks, run in order by the curriculum")
+    log: LogConfig = doc("logging and checkpoints", factory=LogConfig)
+    eval: EvalConfig = doc("held-out evaluation", factory=EvalConfig)
+
+    def resolved_output_dir(self) -> str:
+        return self.output_dir.replace("{name}", self.name)
+
+    def modality_config(self, registries: Registries, name: str) -> Any:
+        component = registries["modality"].get(name)
+        return structure(self.modality.get(name, {}), component.config, f"modality.{name}")
+
+
+# cattrs: a component table is {kind = ..., **params}; the params stay raw until validation.
+def _structure_component(cls: type):
+    own = {f.name for f in attrs.fields(cls)} - {"kind", "params", "config"}
+
+    def hook(value: Any, _: Any) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a table with a 'kind', got {value!r}")
+        if "kind" not in value:
+            raise KeyError("kind")
+        if not isinstance(value["kind"], str):
+            raise TypeError(f"'kind' must be a string, got {value['kind']!r}")
+        kwargs = {k: value[k] for k in own if k in value}
+        params = {k: v for k, v in value.items() if k not in own and k != "kind"}
+        return cls(kind=value["kind"], params=params, **kwargs)
+
+    return hook
+
+
+def _register_component_hooks() -> None:
+    from atoken_core.config import converter
+
+    for cls in (ComponentSpec, LossSpec):
+        converter.register_structure_hook(cls, _structure_component(cls))
+        converter.register_unstructure_hook(
+            cls,
+            lambda spec, cls=cls: {
+                "kind": spec.kind,
+                **{f.name: converter.unstructure(getattr(spec, f.name)) for f in attrs.fields(cls)
+                   if f.name not in ("kind", "params", "config") and getattr(spec, f.name) is not None},
+                **copy.deepcopy(spec.params),
+            },
+        )
+
+
+_register_component_hooks()
+
+
+def _check_component(spec: ComponentSpec, kind: str, path: str, registries: Registries, problems: list[str]) -> None:
+    try:
+        component = registries[kind].get(spec.kind)
+    except RegistryError as err:
+        problems.append(f"{path}.kind: {err}")
+        return
+    try:
+        spec.config = structure(spec.params, component.config, path)
+    except ConfigError as err:
+        problems.extend(err.problems)
+
+
+def _check_loss_fields(spec: LossSpec, path: str, problems: list[str]) -> None:
+    # The generic loss fields arrive raw from the component hook; check their types here.
+    if isinstance(spec.weight, bool) or not isinstance(spec.weight, (int, float)):
+        problems.append(f"{path}.weight: expected float, got {spec.weight!r}")
+    else:
+        spec.weight = float(spec.weight)
+    if spec.modalities is not None and (
+        not isinstance(spec.modalities, list) or not all(isinstance(m, str) for m in spec.modalities)
+    ):
+        problems.append(f"{path}.modalities: expected list[str], got {spec.modalities!r}")
+
+
+def validate(recipe: Recipe, registries: Registries) -> Recipe:
+    """Resolve every ``kind`` and structure every component table; raise all problems at once."""
+    problems: list[str] = []
+    _check_component(recipe.bottleneck, "bottleneck", "bottleneck", registries, problems)
+    for i, spec in enumerate(recipe.loss):
+        _check_loss_fields(spec, f"loss[{i}]", problems)
+        _check_component(spec, "loss", f"loss[{i}]", registries, problems)
+    _check_component(recipe.curriculum, "curriculum", "curriculum", registries, problems)
+    used = sorted({m for st in recipe.stage for m in st.modalities})
+    for name in sorted(set(recipe.modality) | set(used)):
+        if name not in registries["modality"]:
+            where = f"modality.{name}" if name in recipe.modality else "stage[].modalities"
+            problems.append(f"{where}: {registries['modality'].unknown_message(name)}")
+            continue
+        try:
+            recipe.modality_config(registries, name)
+        except ConfigError as err:
+            problems.extend(err.problems)
+    for name, spec in recipe.data.items():
+        _check_component(spec, "dataset", f"data.{name}", registries, problems)
+    for i, st in enumerate(recipe.stage):
+        for name in st.modalities:
+            if name not in recipe.data:
+                problems.append(f"stage[{i}].modalities: {name!r} has no [data.{name}] table")
+        if st.bottleneck is not None:
+            _check_component(st.bottleneck, "bottleneck", f"stage[{i}].bottleneck", registries, problems)
+    if not recipe.stage:
+        problems.append("stage: a recipe needs at least one [[stage]] block")
+    from atoken_core.model import FLAVORS  # cheap: model.py imports torch lazily via its builder
+
+    if recipe.model.flavor not in FLAVORS:
+        problems.append(f"model.flavor: unknown flavor {recipe.model.flavor!r}; known: {', '.join(FLAVORS)}")
+    if recipe.model.init not in ("random", "pca"):
+        problems.append(f"model.init: expected 'random' or 'pca', got {recipe.model.init!r}")
+    if problems:
+        raise ConfigError(problems)
+    return recipe
+
+
+def recipe_from_dict(data: dict[str, Any], registries: Registries, source: str | None = None) -> Recipe:
+    try:
+        recipe = structure(data, Recipe)
+        return validate(recipe, registries)
+    except ConfigError as err:
+        raise ConfigError(err.problems, source) from None
+
+
+def load_recipe(path: str, registries: Registries, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe (any fsspec path), apply ``--set`` overrides, validate everything."""
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(["recipe file not found"], path) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([f"cannot read recipe: {err}"], path) from None
+    data = load_toml(text, path)
+    for assignment in overrides:
+        try:
+            apply_override(data, assignment)
+        except ConfigError as err:
+            raise ConfigError(err.problems, path) from None
+    return recipe_from_dict(data, registries, path)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return unstructure(recipe)

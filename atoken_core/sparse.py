@@ -1,0 +1,83 @@
+"""Sparse 4D latents: a packed batch of (feature, [t, x, y, z]) pairs.
+
+Samples of different sizes (an image of 12 tokens, another of 1080) are concatenated along
+one token axis; ``cu_seqlens`` (cumulative lengths, as flash-attention's varlen API uses)
+says where each sample starts, so nothing is padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+AXES = ("t", "x", "y", "z")
+
+
+@attrs.frozen
+class Sparse4D:
+    features: torch.Tensor  # (L, C)
+    coords: torch.Tensor  # (L, 4) int64, columns [t, x, y, z]
+    cu_seqlens: torch.Tensor  # (B + 1,) int64, cu_seqlens[0] = 0, cu_seqlens[-1] = L
+
+    def __attrs_post_init__(self) -> None:
+        L = self.features.shape[0]
+        if self.features.ndim != 2:
+            raise ValueError(f"features must be (L, C), got {tuple(self.features.shape)}")
+        if self.coords.shape != (L, 4):
+            raise ValueError(f"coords must be ({L}, 4), got {tuple(self.coords.shape)}")
+        if self.coords.dtype.is_floating_point:
+            raise ValueError("coords must be integer grid positions")
+        if self.cu_seqlens.ndim != 1 or int(self.cu_seqlens[0]) != 0 or int(self.cu_seqlens[-1]) != L:
+            raise ValueError(f"cu_seqlens must run from 0 to {L}, got {self.cu_seqlens.tolist()}")
+
+    @classmethod
+    def single(cls, features: torch.Tensor, coords: torch.Tensor) -> Sparse4D:
+        cu = torch.tensor([0, features.shape[0]], dtype=torch.long, device=features.device)
+        return cls(features, coords.long(), cu)
+
+    @classmethod
+    def cat(cls, samples: Sequence[Sparse4D]) -> Sparse4D:
+        if not samples:
+            raise ValueError("cannot pack an empty list of samples")
+        lengths = torch.cat([s.lengths for s in samples])
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.long, device=lengths.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        return cls(
+            torch.cat([s.features for s in samples]),
+            torch.cat([s.coords for s in samples]),
+            cu,
+        )
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0]
+
+    def sample_ids(self) -> torch.Tensor:
+        """(L,) index of the sample each token belongs to."""
+        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.features.device), self.lengths)
+
+    def uniform_length(self) -> int | None:
+        """The common length if every sample has the same number of tokens, else None."""
+        lengths = self.lengths
+        if lengths.numel() and bool((lengths == lengths[0]).all()):
+            return int(lengths[0])
+        return None
+
+    def with_features(self, features: torch.Tensor) -> Sparse4D:
+        return Sparse4D(features, self.coords, self.cu_seqlens)
+
+    def split(self) -> list[Sparse4D]:
+        bounds = self.cu_seqlens.tolist()
+        return [
+            Sparse4D.single(self.features[a:b], self.coords[a:b]) for a, b in zip(bounds[:-1], bounds[1:])
+        ]

@@ -1,0 +1,1 @@
+"""First-party modalities (image today; video and 3D plug in the same way)."""

@@ -1,0 +1,123 @@
+"""Image patchify/unpatchify and image file I/O."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image, UnidentifiedImageError
+
+from atoken_core.interfaces import Modality, PatchSpec, Tokens
+from atoken_core.sparse import Sparse4D
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with the file (or sample) it came from."""
+
+
+def image_to_tensor(img: Image.Image, source: str) -> torch.Tensor:
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"{source}: image has zero size ({img.width}x{img.height})")
+    if img.mode in ("RGBA", "LA", "P"):
+        # Composite transparency onto white so transparent pixels do not become arbitrary colours.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Read an image file (any fsspec path) as a (3, H, W) float tensor in [-1, 1]."""
+    try:
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image file") from None
+    except OSError as err:
+        raise ImageError(f"{path}: cannot read: {err}") from None
+    if not data:
+        raise ImageError(f"{path}: file is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file PIL can read") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(f"{path}: corrupt or truncated image: {err}") from None
+    return image_to_tensor(img, path)
+
+
+def tensor_to_image(x_chw: torch.Tensor) -> Image.Image:
+    arr = ((x_chw.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
+
+
+def save_image(x_chw: torch.Tensor, path: str) -> None:
+    buf = io.BytesIO()
+    fmt = path.rsplit(".", 1)[-1].lower()
+    tensor_to_image(x_chw).save(buf, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(fmt, fmt.upper()))
+    with fsspec.open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def check_image_tensor(x: torch.Tensor, index: int, channels: int) -> None:
+    if x.ndim != 3:
+        raise ImageError(f"sample {index}: expected an image tensor (C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[0] != channels:
+        raise ImageError(f"sample {index}: expected {channels} channels, got {x.shape[0]} (shape {tuple(x.shape)})")
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ImageError(f"sample {index}: image has zero size {tuple(x.shape[1:])}")
+
+
+class ImageModality(Modality):
+    name = "image"
+    subspace = ("x", "y")
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @staticmethod
+    def grid(height: int, width: int, patch: int) -> tuple[int, int]:
+        return math.ceil(height / patch), math.ceil(width / patch)
+
+    def patchify(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> Tokens:
+        p = spec.patch_size
+        parts, meta = [], []
+        for i, x in enumerate(samples):
+            check_image_tensor(x, i, spec.channels)
+            h, w = x.shape[-2:]
+            gh, gw = self.grid(h, w, p)
+            pad = (0, gw * p - w, 0, gh * p - h)
+            if any(pad):
+                mode = self.config.pad_mode
+                if mode == "reflect" and (pad[1] >= w or pad[3] >= h):
+                    mode = "replicate"  # reflect needs the image to be larger than the pad
+                x = F.pad(x[None], pad, mode=mode)[0]
+            patches = rearrange(x, "c (gh ph) (gw pw) -> (gh gw) (ph pw c)", ph=p, pw=p)
+            rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+            coords = torch.zeros(gh * gw, 4, dtype=torch.long)
+            coords[:, 1] = cols.flatten()  # x
+            coords[:, 2] = rows.flatten()  # y
+            parts.append(Sparse4D.single(patches, coords.to(x.device)))
+            meta.append({"height": h, "width": w, "grid": (gh, gw)})
+        return Tokens(Sparse4D.cat(parts), meta)
+
+    def unpatchify(self, patches: Sparse4D, meta: list[dict[str, Any]], spec: PatchSpec) -> list[torch.Tensor]:
+        p = spec.patch_size
+        out = []
+        for sample, m in zip(patches.split(), meta):
+            gh, gw = m["grid"]
+            frame = sample.features[:, : spec.frame_dim]
+            x = rearrange(frame, "(gh gw) (ph pw c) -> c (gh ph) (gw pw)", gh=gh, gw=gw, ph=p, pw=p)
+            out.append(x[:, : m["height"], : m["width"]])
+        return out

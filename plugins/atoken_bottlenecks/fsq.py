@@ -1,0 +1,77 @@
+"""Finite scalar quantisation (Mentzer et al., 2023, arXiv 2309.15505).
+
+Each channel is squashed to a bounded range and rounded to one of ``levels[i]`` values;
+rounding passes gradients straight through. The latent is split into groups of
+``len(levels)`` channels; each group is one integer code in ``[0, prod(levels))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from atoken_core.interfaces import Bottleneck, BottleneckOutput
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (x.round() - x).detach()
+
+
+class FSQBottleneck(Bottleneck):
+    discrete = True
+
+    def __init__(self, config, *, in_dim: int, latent_dim: int) -> None:
+        super().__init__()
+        levels = list(config.levels)
+        if latent_dim % len(levels):
+            raise ValueError(
+                f"bottleneck.levels: latent_dim {latent_dim} is not a multiple of len(levels) = {len(levels)}"
+            )
+        self.latent_dim = latent_dim
+        self.groups = latent_dim // len(levels)
+        self.codebook_size = math.prod(levels)
+        self.proj = nn.Linear(in_dim, latent_dim)
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+        lv = torch.tensor(levels, dtype=torch.long)
+        self.register_buffer("levels", lv, persistent=False)
+        self.register_buffer("basis", torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0), persistent=False)
+
+    @property
+    def half_width(self) -> torch.Tensor:
+        return (self.levels // 2).float()
+
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        """Squash each channel into (-L/2, L/2) so that rounding gives exactly L values."""
+        lv = self.levels.float().repeat(self.groups)
+        half_l = (lv - 1) * (1 + 1e-3) / 2
+        offset = torch.where(lv % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half_l)
+        return torch.tanh(z + shift) * half_l - offset
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """(L, latent_dim) -> quantised values normalised to [-1, 1]."""
+        return round_ste(self.bound(z)) / self.half_width.repeat(self.groups)
+
+    def latent_to_codes(self, latent: torch.Tensor) -> torch.Tensor:
+        digits = rearrange(latent, "l (g c) -> l g c", g=self.groups) * self.half_width + self.half_width
+        return (digits.round().long() * self.basis).sum(-1)
+
+    def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.dtype.is_floating_point:
+            raise TypeError("codes must be integers")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+        digits = (codes[..., None] // self.basis) % self.levels
+        latent = (digits.float() - self.half_width) / self.half_width
+        return rearrange(latent, "l g c -> l (g c)")
+
+    def forward(self, features: torch.Tensor, *, sample: bool = True) -> BottleneckOutput:
+        latent = self.quantize(self.proj(features))
+        return BottleneckOutput(latent=latent, codes=self.latent_to_codes(latent.detach()))
+
+    def encode_project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.quantize(self.proj(features))

@@ -1,0 +1,60 @@
+"""KL bottleneck: W_r predicts a diagonal Gaussian posterior over the latent."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from atoken_core.interfaces import Bottleneck, BottleneckOutput
+
+
+class DiagonalGaussian:
+    """q(z | x) = N(mean, diag(exp(logvar))), per token."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        self.mean = mean
+        self.logvar = logvar
+        self.std = torch.exp(0.5 * logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per token, summed over channels: shape (L,)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=-1)
+
+
+class KLBottleneck(Bottleneck):
+    discrete = False
+
+    def __init__(self, config, *, in_dim: int, latent_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.latent_dim = latent_dim
+        self.proj = nn.Linear(in_dim, 2 * latent_dim)
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+        with torch.no_grad():
+            self.proj.bias[latent_dim:].fill_(config.logvar_init)
+
+    def posterior(self, features: torch.Tensor) -> DiagonalGaussian:
+        mean, logvar = self.proj(features).chunk(2, dim=-1)
+        return DiagonalGaussian(mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max))
+
+    def forward(self, features: torch.Tensor, *, sample: bool = True) -> BottleneckOutput:
+        post = self.posterior(features)
+        latent = post.sample() if sample else post.mode()
+        return BottleneckOutput(latent=latent, aux={"posterior": post})
+
+    def encode_project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.posterior(features).mode()
+
+    def linear_init(self, basis: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.proj.weight[: self.latent_dim].copy_(basis)
+            self.proj.bias[: self.latent_dim].zero_()
+            self.proj.weight[self.latent_dim :].zero_()
