@@ -124,6 +124,10 @@ def structure(data: Any, cls: type, path: str = "") -> Any:
         for line in cattrs.transform_error(exc, path="$", format_exception=_format_exception):
             message, _, where = line.rpartition(" @ ")
             where = _join(path, _clean_path(where))
+            # attrs validators name the field first ("'steps' must be >= 1: 0"): put it in the path.
+            m = re.match(r"invalid value: '(\w+)' (.*)", message)
+            if m:
+                where, message = _join(where, m.group(1)), f"invalid value: {m.group(2)}"
             problems.append(f"{where}: {message}" if where else message)
         raise ConfigError(problems) from None
 
@@ -146,14 +150,16 @@ _SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
 def parse_path(dotted: str) -> list[str | int]:
-    """``stage[1].bottleneck.levels`` -> ``['stage', 1, 'bottleneck', 'levels']``."""
+    """``stage[1].bottleneck.levels`` (or ``stage.1.bottleneck.levels``) ->
+    ``['stage', 1, 'bottleneck', 'levels']``."""
     out: list[str | int] = []
     pos = 0
     for m in _SEGMENT.finditer(dotted):
         between = dotted[pos : m.start()]
         if between not in ("", "."):
             raise ValueError(f"cannot parse key path {dotted!r}")
-        out.append(int(m.group(2)) if m.group(2) is not None else m.group(1))
+        index = m.group(2) if m.group(2) is not None else (m.group(1) if m.group(1).isdigit() else None)
+        out.append(int(index) if index is not None else m.group(1))
         pos = m.end()
     if not out or pos != len(dotted):
         raise ValueError(f"cannot parse key path {dotted!r}")

@@ -137,7 +137,9 @@ class AToken(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(w, eps=1e-6)
         self.pixel_head = nn.Linear(w, flavor.temporal_patch * self.spec.frame_dim)
-        self.apply(self._init_linear)
+        for name, child in self.named_children():
+            if name != "bottleneck":  # the bottleneck initialises its own W_r (e.g. the logvar bias)
+                child.apply(self._init_linear)
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:

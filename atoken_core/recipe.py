@@ -17,6 +17,7 @@ import attrs
 import fsspec
 
 from atoken_core.config import ConfigError, apply_override, load_toml, structure, unstructure
+from atoken_core.flavors import FLAVORS
 from atoken_core.registry import Registries, RegistryError
 
 def doc(text: str, **kwargs: Any) -> Any:
@@ -39,14 +40,20 @@ class LossSpec(ComponentSpec):
     modalities: list[str] | None = doc("modalities this loss applies to (default: all)", default=None)
 
 
+def _known_flavor(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value not in FLAVORS:
+        raise ValueError(f"'{attribute.name}' must be one of {', '.join(FLAVORS)}; got {value!r}")
+
+
 @attrs.define(kw_only=True)
 class ModelConfig:
-    flavor: str = doc("named size preset from atoken_core.model.FLAVORS (tiny, base, so400m)", default="tiny")
+    flavor: str = doc("named size preset from atoken_core.flavors.FLAVORS", default="tiny", validator=_known_flavor)
     latent_dim: int = doc("channels of the reconstruction latent z_r (32 in stage 1, 48 from stage 2)", default=32)
     init: str = doc(
         "'random', or 'pca': start the patch embedding, latent projection and pixel head at the "
         "PCA solution of the training patches, with residual branches zero-initialised",
         default="random",
+        validator=attrs.validators.in_(["random", "pca"]),
     )
 
 
@@ -200,12 +207,6 @@ def validate(recipe: Recipe, registries: Registries) -> Recipe:
             _check_component(st.bottleneck, "bottleneck", f"stage[{i}].bottleneck", registries, problems)
     if not recipe.stage:
         problems.append("stage: a recipe needs at least one [[stage]] block")
-    from atoken_core.model import FLAVORS  # cheap: model.py imports torch lazily via its builder
-
-    if recipe.model.flavor not in FLAVORS:
-        problems.append(f"model.flavor: unknown flavor {recipe.model.flavor!r}; known: {', '.join(FLAVORS)}")
-    if recipe.model.init not in ("random", "pca"):
-        problems.append(f"model.init: expected 'random' or 'pca', got {recipe.model.init!r}")
     if problems:
         raise ConfigError(problems)
     return recipe

@@ -98,7 +98,8 @@ class Registry:
 
     def unknown_message(self, name: str) -> str:
         known = sorted(self._entries)
-        hint = difflib.get_close_matches(name, known, n=1)
+        by_lower = {k.lower(): k for k in known}
+        hint = [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=1)]
         msg = f"unknown {self.kind} {name!r}"
         if hint:
             msg += f" (did you mean {hint[0]!r}?)"

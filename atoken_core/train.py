@@ -43,6 +43,15 @@ def lr_at(step_in_stage: int, stage: StagePlan, recipe: Recipe) -> float:
     return stage.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def fit_max_side(x: torch.Tensor, side: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if max(h, w) <= side:
+        return x
+    scale = side / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return torch.nn.functional.interpolate(x[None], size=size, mode="bicubic", antialias=True)[0].clamp(-1, 1)
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """Data for step ``step`` depends only on (seed, step): resuming needs no sampler state."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -66,6 +75,7 @@ class Run:
         self.losses = [(spec, build_component(spec, "loss", registries)) for spec in recipe.loss]
         self.optimizer = self._optimizer()
         self.recipe_dict = recipe_to_dict(recipe)
+        self._eval_cache: dict[str, list[tuple[str, torch.Tensor]]] = {}
 
     # ------------------------------------------------------------------ setup
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -154,11 +164,18 @@ class Run:
             self.optimizer.zero_grad(set_to_none=True)
         return {"stage": plan.name, "loss": total_value, **terms, "lr": lr, "grad_norm": grad_norm, "finite": finite}
 
+    def eval_samples(self, name: str) -> list[tuple[str, torch.Tensor]]:
+        """Held-out samples, downscaled so the longer side is at most eval.max_side."""
+        if name not in self._eval_cache:
+            side = self.recipe.eval.max_side
+            self._eval_cache[name] = [(n, fit_max_side(x, side)) for n, x in self.data[name].eval_samples()]
+        return self._eval_cache[name]
+
     def evaluate(self) -> dict[str, Any]:
         results = {}
         self._last_recons = {}
-        for name, source in self.data.items():
-            metrics, recons = evaluate_images(self.model, self.modalities[name], source.eval_samples())
+        for name in self.data:
+            metrics, recons = evaluate_images(self.model, self.modalities[name], self.eval_samples(name))
             results[name] = metrics
             self._last_recons[name] = recons
         return results
@@ -168,7 +185,7 @@ class Run:
         self._pca_recons = {}
         for name, source in self.data.items():
             pca = PCABaseline(self.modalities[name], self.model.spec, self.recipe.model.latent_dim).fit(source.train_pool())
-            samples = source.eval_samples()
+            samples = self.eval_samples(name)
             recons = [pca.reconstruct(x) for _, x in samples]
             per = {n: image_metrics(x, r) for (n, x), r in zip(samples, recons)}
             out[name] = {"mean": mean_metrics(list(per.values())), "per_image": per,
@@ -178,8 +195,8 @@ class Run:
 
     def save_grids(self, step: int) -> list[str]:
         paths = []
-        for name, source in self.data.items():
-            samples = source.eval_samples()[: self.recipe.eval.grid_images]
+        for name in self.data:
+            samples = self.eval_samples(name)[: self.recipe.eval.grid_images]
             recons = self._last_recons[name]
             rows = []
             for i, (label, x) in enumerate(samples):

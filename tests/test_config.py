@@ -1,0 +1,130 @@
+"""Recipes: strict structuring, errors with TOML paths, --set overrides, shipped recipes."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from atoken_core.config import ConfigError, apply_override, parse_path
+from atoken_core.recipe import load_recipe, recipe_from_dict, recipe_to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+BASE = tomllib.loads((ROOT / "recipes" / "tiny.toml").read_text())
+
+
+def problems_of(data, registries) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        recipe_from_dict(data, registries, "r.toml")
+    return err.value.problems
+
+
+def edited(**changes):
+    data = copy.deepcopy(BASE)
+    for key, value in changes.items():
+        apply_override(data, f"{key.replace('__', '.')}={value}")
+    return data
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path, registries):
+    recipe = load_recipe(str(path), registries)
+    assert recipe.stage
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# atoken run recipes/"), "a recipe starts with the command that runs it"
+
+
+def test_stage_override_type_error_has_toml_path(registries):
+    data = copy.deepcopy(BASE)
+    data["stage"].append({"name": "fsq", "steps": 5, "bottleneck": {"kind": "fsq", "levels": "8,5,5"}})
+    assert problems_of(data, registries) == ["stage[1].bottleneck.levels: expected list[int], got '8,5,5'"]
+
+
+def test_typo_key_suggests_field(registries):
+    data = copy.deepcopy(BASE)
+    data["model"]["flavour"] = "tiny"
+    (problem,) = problems_of(data, registries)
+    assert problem.startswith("model: unknown key 'flavour' (did you mean 'flavor'?)")
+
+
+def test_typo_in_component_params_uses_component_config(registries):
+    data = copy.deepcopy(BASE)
+    data["bottleneck"]["logvar_inti"] = 0.0
+    (problem,) = problems_of(data, registries)
+    assert problem.startswith("bottleneck: unknown key 'logvar_inti' (did you mean 'logvar_init'?)")
+
+
+def test_unknown_kind_lists_registered(registries):
+    data = copy.deepcopy(BASE)
+    data["loss"][1]["kind"] = "lpip"
+    (problem,) = problems_of(data, registries)
+    assert problem.startswith("loss[1].kind: unknown loss 'lpip' (did you mean 'lpips'?)")
+
+
+def test_no_silent_coercion(registries):
+    probs = problems_of(edited(stage__0__steps='"40"', model__latent_dim="3.5", optim__lr="true"), registries)
+    assert "stage[0].steps: expected int, got '40'" in probs
+    assert "model.latent_dim: expected int, got 3.5" in probs
+    assert "optim.lr: expected float, got True" in probs
+
+
+def test_all_problems_reported_at_once(registries):
+    data = edited(model__flavor='"huge"', stage__0__batch_size="0")
+    data["data"]["image"]["crop"] = "big"
+    probs = problems_of(data, registries)
+    assert "model.flavor: invalid value: must be one of test, tiny, base, so400m; got 'huge'" in probs
+    assert "stage[0].batch_size: invalid value: must be >= 1: 0" in probs
+    assert len(probs) == 2
+    # component tables are checked once the recipe's own structure is sound
+    data = edited(stage__0__steps="3")
+    data["data"]["image"]["crop"] = "big"
+    data["loss"][0]["kind"] = "L1"
+    assert problems_of(data, registries)[:2] == [
+        "loss[0].kind: unknown loss 'L1' (did you mean 'l1'?); registered: " + ", ".join(registries["loss"]),
+        "data.image.crop: expected int, got 'big'",
+    ]
+
+
+def test_missing_required_and_data_for_modality(registries):
+    data = copy.deepcopy(BASE)
+    del data["bottleneck"]
+    data["data"] = {}
+    probs = problems_of(data, registries)
+    assert "bottleneck: required key is missing" in probs
+
+
+def test_stage_without_data_table(registries):
+    data = copy.deepcopy(BASE)
+    data["data"] = {}
+    assert "stage[0].modalities: 'image' has no [data.image] table" in problems_of(data, registries)
+
+
+def test_set_overrides_and_paths(registries, tmp_path):
+    recipe = load_recipe(str(ROOT / "recipes" / "tiny.toml"), registries,
+                         ["stage[0].steps=7", "bottleneck.logvar_init=-2", "data.image.crop=64", "name=x"])
+    assert recipe.stage[0].steps == 7 and recipe.data["image"].config.crop == 64 and recipe.name == "x"
+    assert recipe.bottleneck.config.logvar_init == -2.0
+    assert parse_path("stage[1].bottleneck.levels") == ["stage", 1, "bottleneck", "levels"]
+    with pytest.raises(ConfigError, match=r"index \[5\] does not exist"):
+        load_recipe(str(ROOT / "recipes" / "tiny.toml"), registries, ["stage[5].steps=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_recipe(str(ROOT / "recipes" / "tiny.toml"), registries, ["stage"])
+
+
+def test_bad_files(registries, tmp_path):
+    with pytest.raises(ConfigError, match="nope.toml: recipe file not found"):
+        load_recipe(str(tmp_path / "nope.toml"), registries)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = \n")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        load_recipe(str(bad), registries)
+
+
+def test_round_trip_through_metadata(registries):
+    recipe = load_recipe(str(ROOT / "recipes" / "tiny.toml"), registries)
+    again = recipe_from_dict(recipe_to_dict(recipe), registries)
+    assert recipe_to_dict(again) == recipe_to_dict(recipe)
+    assert [s.config for s in again.loss] == [s.config for s in recipe.loss]

@@ -1,0 +1,153 @@
+"""Model, bottlenecks and checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_model
+from hypothesis import given
+from hypothesis import strategies as st
+
+from atoken_bottlenecks import FSQConfig
+from atoken_bottlenecks.fsq import FSQBottleneck
+from atoken_core.checkpoint import CheckpointError, load_model_state, read_checkpoint, save_checkpoint
+from atoken_core.sparse import Sparse4D
+
+levels_st = st.lists(st.integers(2, 9), min_size=1, max_size=4)
+
+
+def fsq(levels, groups=2):
+    return FSQBottleneck(FSQConfig(levels=levels), in_dim=16, latent_dim=groups * len(levels))
+
+
+@given(levels_st, st.integers(0, 2**31 - 1))
+def test_fsq_codes_in_range_and_values_on_grid(levels, seed):
+    b = fsq(levels)
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(seed)) * 10
+    out = b(x)
+    assert out.codes.dtype == torch.long and out.codes.shape == (50, 2)
+    assert int(out.codes.min()) >= 0 and int(out.codes.max()) < math.prod(levels) == b.codebook_size
+    # every channel takes one of exactly L values: (d - L//2) / (L//2), d = 0..L-1
+    for c, lv in enumerate(levels * 2):
+        allowed = torch.tensor([(d - lv // 2) / (lv // 2) for d in range(lv)])
+        assert torch.isclose(out.latent[:, c, None], allowed).any(-1).all()
+
+
+@given(levels_st, st.integers(0, 2**31 - 1))
+def test_fsq_code_latent_code_identity(levels, seed):
+    b = fsq(levels)
+    codes = torch.randint(0, b.codebook_size, (40, 2), generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(b.latent_to_codes(b.codes_to_latent(codes)), codes)
+
+
+def test_fsq_reaches_every_level_and_passes_gradients():
+    b = fsq([5, 4])
+    z = torch.linspace(-6, 6, 400)[:, None].repeat(1, 4).requires_grad_()
+    q = b.quantize(z)
+    assert q[:, 0].unique().numel() == 5 and q[:, 1].unique().numel() == 4
+    q.sum().backward()
+    assert (z.grad != 0).any()  # straight-through estimator
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 20\)"):
+        b.codes_to_latent(torch.tensor([[20, 0]]))
+
+
+def test_fsq_latent_dim_must_fit_levels():
+    with pytest.raises(ValueError, match="not a multiple of len"):
+        FSQBottleneck(FSQConfig(levels=[8, 5, 5]), in_dim=8, latent_dim=8)
+
+
+def random_tokens(lengths, seed=0, feat=48):
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for n in lengths:
+        coords = torch.zeros(n, 4, dtype=torch.long)
+        coords[:, 1:3] = torch.randint(0, 10, (n, 2), generator=g)
+        parts.append(Sparse4D.single(torch.randn(n, feat, generator=g), coords))
+    return parts
+
+
+@given(st.lists(st.integers(1, 9), min_size=2, max_size=4), st.integers(0, 1000))
+def test_packed_samples_do_not_see_each_other(registries, lengths, seed):
+    model = make_model(registries).eval()
+    parts = random_tokens(lengths, seed)
+    with torch.no_grad():
+        packed, _ = model(Sparse4D.cat(parts), sample=False)
+        alone = torch.cat([model(p, sample=False)[0] for p in parts])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+@given(st.integers(2, 12), st.integers(0, 1000))
+def test_permuting_tokens_with_coords_permutes_output(registries, n, seed):
+    model = make_model(registries).eval()
+    (tokens,) = random_tokens([n], seed)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out, _ = model(tokens, sample=False)
+        out_p, _ = model(Sparse4D.single(tokens.features[perm], tokens.coords[perm]), sample=False)
+    torch.testing.assert_close(out_p, out[perm], atol=1e-5, rtol=1e-5)
+
+
+def test_video_of_identical_frames_embeds_like_the_image(registries):
+    # Temporal patch weights start at zero: a t-frame block of one repeated frame gives the
+    # same features as the single frame.
+    model = make_model(registries).eval()
+    (img,) = random_tokens([6])
+    t = model.spec.temporal_patch
+    video = img.with_features(img.features.repeat(1, t))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(video), model.encode(img), atol=0, rtol=0)
+
+
+def test_kl_bottleneck_mode_and_sampling(registries):
+    model = make_model(registries, logvar_init=-4.0)
+    feats = torch.randn(10, model.flavor.width)
+    out = model.bottleneck(feats, sample=False)
+    torch.testing.assert_close(out.latent, out.aux["posterior"].mean)
+    logvar = out.aux["posterior"].logvar
+    assert abs(float(logvar.mean()) + 4.0) < 0.5  # the logvar head starts at its configured bias
+    torch.manual_seed(0)
+    noise = model.bottleneck(feats.repeat(200, 1), sample=True).latent - out.latent.repeat(200, 1)
+    assert abs(float(noise.std()) - math.exp(-2.0)) < 0.03
+
+
+def test_checkpoint_round_trip_and_metadata(registries, tmp_path):
+    model = make_model(registries)
+    opt = torch.optim.AdamW(model.parameters())
+    model(random_tokens([5])[0])[0].sum().backward()
+    opt.step()
+    path = str(tmp_path / "c.safetensors")
+    save_checkpoint(path, model, recipe={"name": "x"}, step=3, stage=0, optimizer=opt)
+    assert not list(tmp_path.glob("*.tmp-*")), "no temporary file left behind"
+    tensors, meta = read_checkpoint(path)
+    assert meta["recipe"] == {"name": "x"} and meta["state"]["step"] == 3 and meta["atoken_version"]
+    other = make_model(registries)
+    load_model_state(other, tensors, path)
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_from_other_architecture_lists_differences(registries, tmp_path):
+    path = str(tmp_path / "c.safetensors")
+    save_checkpoint(path, make_model(registries, latent_dim=8), recipe={}, step=0, stage=0)
+    tensors, _ = read_checkpoint(path)
+    with pytest.raises(CheckpointError) as err:
+        load_model_state(make_model(registries, bottleneck="fsq", latent_dim=6, levels=[4, 3, 3]), tensors, path)
+    msg = str(err.value)
+    assert "does not match this model" in msg and "shape mismatch bottleneck.proj.weight" in msg
+    assert "decoder_in.weight: checkpoint (32, 8) vs model (32, 6)" in msg
+
+
+def test_corrupt_or_foreign_checkpoint(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="not a readable safetensors checkpoint"):
+        read_checkpoint(str(bad))
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CheckpointError, match="not an atoken checkpoint"):
+        read_checkpoint(str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        read_checkpoint(str(tmp_path / "none.safetensors"))
