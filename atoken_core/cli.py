@@ -35,9 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     registries = _registries()
     recipe = load_recipe(args.recipe, registries, args.set)
-    out = args.out or recipe.resolved_output_dir()
-    report = run_recipe(recipe, registries, out, resume=args.resume, progress=not args.no_progress)
-    print(summary(report, out))
+    report = run_recipe(recipe, registries, args.out, resume=args.resume, progress=not args.no_progress)
+    print(summary(report, args.out or recipe.resolved_output_dir()))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -40,7 +41,7 @@ def type_name(tp: Any) -> str:
     if origin is None:
         return getattr(tp, "__name__", repr(tp))
     args = ", ".join(type_name(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         return " | ".join(type_name(a) for a in typing.get_args(tp))
     return f"{getattr(origin, '__name__', repr(origin))}[{args}]"
 

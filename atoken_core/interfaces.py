@@ -89,10 +89,6 @@ class Bottleneck(nn.Module, abc.ABC):
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} is continuous; it has no codes")
 
-    def linear_init(self, basis: torch.Tensor) -> None:
-        """Make the latent equal ``features @ basis.T`` at initialisation (for PCA init)."""
-        raise NotImplementedError(f"{type(self).__name__} does not support linear initialisation")
-
 
 @attrs.frozen
 class LossInputs:

