@@ -28,6 +28,9 @@ class LPIPSConfig:
     max_side: int | None = attrs.field(
         default=None, metadata={"doc": "downsample inputs so the longer side is at most this before VGG (CPU budgets)"}
     )
+    max_samples: int | None = attrs.field(
+        default=None, metadata={"doc": "use only the first N samples of each batch for this loss (CPU budgets)"}
+    )
 
 
 @attrs.define(kw_only=True)
@@ -39,6 +42,7 @@ class GramConfig:
         metadata={"doc": "VGG16 stages whose Gram matrices are matched: 0..4 = relu1_2, relu2_2, relu3_3, relu4_3, relu5_3"},
     )
     max_side: int | None = attrs.field(default=None, metadata={"doc": "as for lpips"})
+    max_samples: int | None = attrs.field(default=None, metadata={"doc": "as for lpips"})
 
 
 @hookimpl

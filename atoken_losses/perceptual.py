@@ -50,14 +50,20 @@ def _lpips_network(vgg16_weights: str, source: str) -> nn.Module:
     return model
 
 
-def vgg_features(inputs: LossInputs, model: nn.Module, max_side: int | None) -> tuple[list, list]:
-    """(target features, recon features) at relu1_2..relu5_3, computed once per step."""
-    key = f"vgg16:{id(model)}:{max_side}"
+def vgg_features(inputs: LossInputs, model: nn.Module, max_side: int | None = None,
+                 max_samples: int | None = None) -> tuple[list, list]:
+    """(target features, recon features) at relu1_2..relu5_3, computed once per step for each
+    (network, size, sample count) so LPIPS and Gram with the same settings share one pass."""
+    key = f"vgg16:{id(model)}:{max_side}:{max_samples}"
     if key not in inputs.cache:
+
+        def features(x: torch.Tensor) -> list:
+            x = resize_within(x[:max_samples], max_side=max_side, mode="bilinear")
+            return list(model.net(model.scaling_layer(x)))
+
         with torch.no_grad():
-            target = list(model.net(model.scaling_layer(resize_within(inputs.target, max_side=max_side, mode="bilinear"))))
-        recon = list(model.net(model.scaling_layer(resize_within(inputs.recon, max_side=max_side, mode="bilinear"))))
-        inputs.cache[key] = (target, recon)
+            target = features(inputs.target)
+        inputs.cache[key] = (target, features(inputs.recon))
     return inputs.cache[key]
 
 
@@ -80,10 +86,10 @@ def gram_matrix(features_bchw: torch.Tensor) -> torch.Tensor:
 
 
 class _FrozenNetLoss(Loss):
-    def __init__(self, config) -> None:
+    def __init__(self, config, net: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
-        self.net = lpips_network(config.vgg16_weights)
+        self.net = net if net is not None else lpips_network(config.vgg16_weights)
 
     def train(self, mode: bool = True) -> _FrozenNetLoss:
         # The lpips linear layers carry dropout: the network stays in eval mode whatever the
@@ -96,13 +102,13 @@ class _FrozenNetLoss(Loss):
 class LPIPSLoss(_FrozenNetLoss):
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        target, recon = vgg_features(inputs, self.net, self.config.max_side)
+        target, recon = vgg_features(inputs, self.net, self.config.max_side, self.config.max_samples)
         return {"lpips": lpips_from_features(self.net, target, recon).mean()}
 
 
 class GramLoss(_FrozenNetLoss):
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        target, recon = vgg_features(inputs, self.net, self.config.max_side)
+        target, recon = vgg_features(inputs, self.net, self.config.max_side, self.config.max_samples)
         terms = [F.mse_loss(gram_matrix(recon[i]), gram_matrix(target[i])) for i in self.config.layers]
         return {"gram": torch.stack(terms).mean()}

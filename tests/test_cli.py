@@ -183,3 +183,21 @@ def test_wrong_architecture_checkpoint(trained, tmp_path, cache):
     proc = atoken("decode", "--ckpt", other_ckpt, str(tmp_path / "t.safetensors"), "-o", str(tmp_path / "x.png"),
                   cache=cache, check=False)
     assert proc.returncode == 1 and "latent has 8 channels, the checkpoint's model expects 4" in proc.stderr
+
+
+def test_fsq_checkpoint_encodes_integer_codes(tmp_path, cache):
+    out = tmp_path / "fsq"
+    atoken("run", TINY, "--out", str(out), "--no-progress",
+           *small(3, "bottleneck={kind = \"fsq\", levels = [5, 4]}", "model.latent_dim=4", "eval.pca_baseline=false"),
+           cache=cache)
+    ckpt = str(next((out / "checkpoints").glob("*.safetensors")))
+    src = tmp_path / "x.png"
+    Image.fromarray((torch.rand(10, 9, 3) * 255).byte().numpy()).save(src)
+    atoken("encode", "--ckpt", ckpt, str(src), "-o", str(tmp_path / "t.safetensors"), cache=cache)
+    from safetensors.torch import load_file
+
+    tokens = load_file(str(tmp_path / "t.safetensors"))
+    assert "latent" not in tokens and tokens["codes"].dtype == torch.int64
+    assert tokens["codes"].shape == (3 * 3, 2) and int(tokens["codes"].max()) < 20
+    atoken("decode", "--ckpt", ckpt, str(tmp_path / "t.safetensors"), "-o", str(tmp_path / "r.png"), cache=cache)
+    assert Image.open(tmp_path / "r.png").size == (9, 10)

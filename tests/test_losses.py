@@ -190,3 +190,18 @@ def test_l1_matches_numpy() -> None:
     target, recon = rng.uniform(-1, 1, (2, 3, 8, 8)), rng.uniform(-1, 1, (2, 3, 8, 8))
     out = L1Loss(None)(inputs(torch.from_numpy(target), torch.from_numpy(recon)))
     np.testing.assert_allclose(out["l1"].item(), np.mean(np.abs(recon - target)), rtol=1e-12)
+
+
+def test_max_samples_limits_perceptual_losses_to_the_first_samples(random_lpips: torch.nn.Module) -> None:
+    from atoken_losses import GramConfig
+    from atoken_losses.perceptual import GramLoss
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    shared = inputs(a, b)
+    with torch.no_grad():
+        first_two = LPIPSLoss(LPIPSConfig(max_samples=2), net=random_lpips)(shared)["lpips"]
+        reference = LPIPSLoss(LPIPSConfig(), net=random_lpips)(inputs(a[:2], b[:2]))["lpips"]
+        torch.testing.assert_close(first_two, reference)
+        GramLoss(GramConfig(max_samples=2), net=random_lpips)(shared)
+    assert len(shared.cache) == 1  # LPIPS and Gram with the same settings share one VGG pass

