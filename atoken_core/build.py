@@ -17,7 +17,8 @@ def build_bottleneck(spec: ComponentSpec, registries: Registries, *, in_dim: int
 def build_model(recipe: Recipe, registries: Registries, bottleneck: ComponentSpec | None = None) -> AToken:
     flavor = FLAVORS[recipe.model.flavor]
     spec = bottleneck or recipe.bottleneck
-    return AToken(flavor, build_bottleneck(spec, registries, in_dim=flavor.width, latent_dim=recipe.model.latent_dim))
+    bottleneck_module = build_bottleneck(spec, registries, in_dim=flavor.width, latent_dim=recipe.model.latent_dim)
+    return AToken(flavor, bottleneck_module, shortcut=recipe.model.shortcut != "none")
 
 
 def build_modality(recipe: Recipe, registries: Registries, name: str) -> Any:

@@ -102,7 +102,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     image = load_image(args.input)
     tokens = modality.patchify([image], model.spec)
     with torch.no_grad():
-        latent = model.bottleneck.encode_project(model.encode(tokens.patches))
+        latent = model.encode_latent(tokens.patches)
     tensors = {"coords": tokens.patches.coords.contiguous()}
     if model.bottleneck.discrete:
         tensors["codes"] = model.bottleneck.latent_to_codes(latent).contiguous()

@@ -44,12 +44,22 @@ class PCABaseline:
         self.k = components
 
     def fit(self, samples: Iterable[torch.Tensor]) -> PCABaseline:
-        patches = torch.cat([self.modality.patchify([x], self.spec).patches.features for x in samples]).double()
-        self.mean = patches.mean(0)
-        centred = patches - self.mean
-        cov = centred.T @ centred / max(1, centred.shape[0] - 1)
+        # Streamed sums in float64: memory is D x D, not (number of patches) x D.
+        n, total, outer = 0, None, None
+        for x in samples:
+            p = self.modality.patchify([x], self.spec).patches.features.double()
+            if total is None:
+                total, outer = p.sum(0), p.T @ p
+            else:
+                total, outer = total + p.sum(0), outer + p.T @ p
+            n += p.shape[0]
+        if not n:
+            raise ValueError("PCA needs at least one training sample")
+        self.mean = total / n
+        cov = (outer - n * torch.outer(self.mean, self.mean)) / max(1, n - 1)
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         self.basis = evecs[:, -self.k :].flip(1).T.contiguous()  # (k, D), leading component first
+        self.variance = evals[-self.k :].flip(0).clamp_min(0)  # (k,) variance along each component
         self.explained = float(evals[-self.k :].sum() / evals.sum())
         return self
 

@@ -80,11 +80,18 @@ class Bottleneck(nn.Module, abc.ABC):
     latent_dim: int
 
     @abc.abstractmethod
-    def forward(self, features: torch.Tensor, *, sample: bool = True) -> BottleneckOutput: ...
+    def forward(self, features: torch.Tensor, *, sample: bool = True,
+                offset: torch.Tensor | None = None) -> BottleneckOutput:
+        """``offset`` (L, latent_dim), when given, is added to the projected latent before it is
+        regularised or quantised (the model's linear shortcut)."""
 
     @abc.abstractmethod
-    def encode_project(self, features: torch.Tensor) -> torch.Tensor:
+    def encode_project(self, features: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         """The deterministic latent (posterior mode / quantised value) for export."""
+
+    @abc.abstractmethod
+    def zero_init_projection(self) -> None:
+        """Start the encoder's contribution to the latent at zero (a shortcut carries it at first)."""
 
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} is continuous; it has no codes")

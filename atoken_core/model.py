@@ -119,9 +119,17 @@ class PatchEmbed(nn.Module):
 
 
 class AToken(nn.Module):
-    """Encoder -> bottleneck (owns W_r) -> decoder, over packed sparse 4D tokens."""
+    """Encoder -> bottleneck (owns W_r) -> decoder, over packed sparse 4D tokens.
 
-    def __init__(self, flavor: Flavor, bottleneck: Bottleneck, channels: int = 3) -> None:
+    With ``shortcut=True`` a linear path runs beside the transformer: patch pixels -> latent
+    (added to W_r's output before the bottleneck regularises or quantises it) and latent ->
+    patch pixels (added to the pixel head's output). :meth:`init_shortcut` starts it at the
+    PCA solution with the transformer's contributions at zero, so training begins at the
+    best linear tokenizer and the transformer learns what is left (DC-AE, arXiv 2410.10733,
+    reports that shortcuts around high-compression autoencoders ease their optimisation).
+    """
+
+    def __init__(self, flavor: Flavor, bottleneck: Bottleneck, channels: int = 3, *, shortcut: bool = False) -> None:
         super().__init__()
         self.flavor = flavor
         self.spec = PatchSpec(flavor.patch_size, flavor.temporal_patch, channels)
@@ -137,6 +145,8 @@ class AToken(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(w, eps=1e-6)
         self.pixel_head = nn.Linear(w, flavor.temporal_patch * self.spec.frame_dim)
+        self.shortcut_in = PatchEmbed(self.spec, bottleneck.latent_dim) if shortcut else None
+        self.shortcut_out = nn.Linear(bottleneck.latent_dim, flavor.temporal_patch * self.spec.frame_dim) if shortcut else None
         for name, child in self.named_children():
             if name != "bottleneck":  # the bottleneck initialises its own W_r (e.g. the logvar bias)
                 child.apply(self._init_linear)
@@ -163,20 +173,54 @@ class AToken(nn.Module):
         for block in self.decoder:
             x_ld = block(x_ld, latent, angles)
         out = self.pixel_head(self.decoder_norm(x_ld))
+        if self.shortcut_out is not None:
+            out = out + self.shortcut_out(latent.features)
         return out[:, : frames * self.spec.frame_dim]
+
+    def latent_offset(self, patches: Sparse4D) -> torch.Tensor | None:
+        return None if self.shortcut_in is None else self.shortcut_in(patches.features)
+
+    def encode_latent(self, patches: Sparse4D) -> torch.Tensor:
+        """Patch pixels -> the deterministic latent (posterior mean or quantised values)."""
+        return self.bottleneck.encode_project(self.encode(patches), self.latent_offset(patches))
 
     def forward(self, patches: Sparse4D, *, sample: bool = True) -> tuple[torch.Tensor, BottleneckOutput]:
         frames = patches.features.shape[1] // self.spec.frame_dim
-        bott = self.bottleneck(self.encode(patches), sample=sample)
+        bott = self.bottleneck(self.encode(patches), sample=sample, offset=self.latent_offset(patches))
         recon = self.decode(patches.with_features(bott.latent), frames)
         return recon, bott
+
+    @torch.no_grad()
+    def init_shortcut(self, mean_d: torch.Tensor, basis_kd: torch.Tensor, variance_k: torch.Tensor) -> None:
+        """Start at PCA: latent = whitened top-k coefficients of the first frame's patch,
+        pixels = the PCA reconstruction (repeated over a token's frames)."""
+        if self.shortcut_in is None:
+            raise ValueError("this model was built without a shortcut (model.shortcut = 'none')")
+        k, d = basis_kd.shape
+        if (k, d) != (self.bottleneck.latent_dim, self.spec.frame_dim):
+            raise ValueError(f"PCA basis {(k, d)} does not fit latent_dim x patch dim "
+                             f"{(self.bottleneck.latent_dim, self.spec.frame_dim)}")
+        scale_k = variance_k.clamp_min(1e-12).sqrt()
+        w_in = basis_kd / scale_k[:, None]
+        self.shortcut_in.weight.zero_()
+        self.shortcut_in.weight[:, 0].copy_(w_in)
+        self.shortcut_in.bias.copy_(-(w_in @ mean_d))
+        frames = self.spec.temporal_patch
+        self.shortcut_out.weight.copy_((basis_kd * scale_k[:, None]).T.repeat(frames, 1))
+        self.shortcut_out.bias.copy_(mean_d.repeat(frames))
+        nn.init.zeros_(self.pixel_head.weight)
+        nn.init.zeros_(self.pixel_head.bias)
+        self.bottleneck.zero_init_projection()
 
     def num_params(self) -> dict[str, int]:
         def count(mods: Any) -> int:
             return sum(p.numel() for m in mods for p in m.parameters())
 
-        return {
+        counts = {
             "encoder": count([self.patch_embed, self.encoder, self.encoder_norm]),
             "bottleneck": count([self.bottleneck]),
             "decoder": count([self.decoder_in, self.decoder, self.decoder_norm, self.pixel_head]),
         }
+        if self.shortcut_in is not None:
+            counts["shortcut"] = count([self.shortcut_in, self.shortcut_out])
+        return counts

@@ -49,6 +49,11 @@ def _known_flavor(instance: Any, attribute: attrs.Attribute, value: str) -> None
 class ModelConfig:
     flavor: str = doc("named size preset from atoken_core.flavors.FLAVORS", default="tiny", validator=_known_flavor)
     latent_dim: int = doc("channels of the reconstruction latent z_r (32 in stage 1, 48 from stage 2)", default=32)
+    shortcut: str = doc(
+        "'none' (the paper's pure transformer) or 'pca': a linear pixels<->latent path beside the "
+        "transformer, started at the PCA solution of the training patches",
+        default="none", validator=attrs.validators.in_(["none", "pca"]),
+    )
 
 
 @attrs.define(kw_only=True)

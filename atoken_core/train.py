@@ -68,6 +68,7 @@ class Run:
         self.optimizer = self._optimizer()
         self.recipe_dict = recipe_to_dict(recipe)
         self._eval_cache: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        self._pca: dict[str, PCABaseline] = {}
 
     # ------------------------------------------------------------------ setup
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -172,11 +173,18 @@ class Run:
             self._last_recons[name] = recons
         return results
 
+    def pca(self, name: str) -> PCABaseline:
+        """PCA of the training patches of one modality, fitted once per run."""
+        if name not in self._pca:
+            pca = PCABaseline(self.modalities[name], self.model.spec, self.recipe.model.latent_dim)
+            self._pca[name] = pca.fit(self.data[name].train_pool())
+        return self._pca[name]
+
     def pca_baseline(self) -> dict[str, Any]:
         out = {}
         self._pca_recons = {}
-        for name, source in self.data.items():
-            pca = PCABaseline(self.modalities[name], self.model.spec, self.recipe.model.latent_dim).fit(source.train_pool())
+        for name in self.data:
+            pca = self.pca(name)
             samples = self.eval_samples(name)
             recons = [pca.reconstruct(x) for _, x in samples]
             per = {n: image_metrics(x, r) for (n, x), r in zip(samples, recons)}
@@ -232,7 +240,7 @@ class Run:
     # ------------------------------------------------------------------ main loop
     def run(self, resume: bool = False, create_parents: bool = False) -> dict[str, Any]:
         self._prepare_out_dir(resume, create_parents)
-        start, extra = 0, {}
+        start, extra, resumed = 0, {}, False
         if resume:
             ckpts = self.checkpoints()
             if ckpts:
@@ -243,6 +251,10 @@ class Run:
                 start = int(meta["state"]["step"])
                 extra = {k: meta["state"][k] for k in ("eval_initial", "pca_baseline", "nonfinite_steps") if k in meta["state"]}
                 self._truncate_metrics(start)
+                resumed = True
+        if not resumed and self.recipe.model.shortcut == "pca":
+            pca = self.pca(self.plans[0].modalities[0])
+            self.model.init_shortcut(pca.mean.float(), pca.basis.float(), pca.variance.float())
         if "eval_initial" not in extra:
             extra["eval_initial"] = self.evaluate()
         if self.recipe.eval.pca_baseline:

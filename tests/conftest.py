@@ -20,11 +20,12 @@ def registries():
     return get_registries()
 
 
-def make_model(registries, bottleneck: str = "kl", latent_dim: int = 8, flavor: str = "test", **params):
+def make_model(registries, bottleneck: str = "kl", latent_dim: int = 8, flavor: str = "test", shortcut: bool = False,
+               **params):
     from atoken_core.flavors import FLAVORS
     from atoken_core.model import AToken
 
     component = registries["bottleneck"].get(bottleneck)
     config = component.config(**params)
     width = FLAVORS[flavor].width
-    return AToken(FLAVORS[flavor], component.build(config, in_dim=width, latent_dim=latent_dim))
+    return AToken(FLAVORS[flavor], component.build(config, in_dim=width, latent_dim=latent_dim), shortcut=shortcut)

@@ -201,3 +201,13 @@ def test_fsq_checkpoint_encodes_integer_codes(tmp_path, cache):
     assert tokens["codes"].shape == (3 * 3, 2) and int(tokens["codes"].max()) < 20
     atoken("decode", "--ckpt", ckpt, str(tmp_path / "t.safetensors"), "-o", str(tmp_path / "r.png"), cache=cache)
     assert Image.open(tmp_path / "r.png").size == (9, 10)
+
+
+def test_pca_shortcut_run_starts_at_the_baseline(tmp_path, cache):
+    out = tmp_path / "shortcut"
+    atoken("run", TINY, "--out", str(out), "--no-progress", *small(2, 'model.shortcut="pca"'), cache=cache)
+    report = json.loads((out / "eval.json").read_text())
+    for name, start in report["step_0"]["image"]["per_image"].items():
+        pca = report["pca_baseline"]["image"]["per_image"][name]
+        assert abs(start["psnr"] - pca["psnr"]) < 1e-3 and abs(start["ssim"] - pca["ssim"]) < 1e-4
+    assert "shortcut" in report["params"]

@@ -69,9 +69,18 @@ class FSQBottleneck(Bottleneck):
         latent = (digits.float() - self.half_width) / self.half_width
         return rearrange(latent, "l g c -> l (g c)")
 
-    def forward(self, features: torch.Tensor, *, sample: bool = True) -> BottleneckOutput:
-        latent = self.quantize(self.proj(features))
+    def project(self, features: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        z = self.proj(features)
+        return z if offset is None else z + offset
+
+    def forward(self, features: torch.Tensor, *, sample: bool = True,
+                offset: torch.Tensor | None = None) -> BottleneckOutput:
+        latent = self.quantize(self.project(features, offset))
         return BottleneckOutput(latent=latent, codes=self.latent_to_codes(latent.detach()))
 
-    def encode_project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.quantize(self.proj(features))
+    def encode_project(self, features: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        return self.quantize(self.project(features, offset))
+
+    def zero_init_projection(self) -> None:
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)

@@ -41,15 +41,23 @@ class KLBottleneck(Bottleneck):
         with torch.no_grad():
             self.proj.bias[latent_dim:].fill_(config.logvar_init)
 
-    def posterior(self, features: torch.Tensor) -> DiagonalGaussian:
+    def posterior(self, features: torch.Tensor, offset: torch.Tensor | None = None) -> DiagonalGaussian:
         mean, logvar = self.proj(features).chunk(2, dim=-1)
+        if offset is not None:
+            mean = mean + offset
         return DiagonalGaussian(mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max))
 
-    def forward(self, features: torch.Tensor, *, sample: bool = True) -> BottleneckOutput:
-        post = self.posterior(features)
+    def forward(self, features: torch.Tensor, *, sample: bool = True,
+                offset: torch.Tensor | None = None) -> BottleneckOutput:
+        post = self.posterior(features, offset)
         latent = post.sample() if sample else post.mode()
         return BottleneckOutput(latent=latent, aux={"posterior": post})
 
-    def encode_project(self, features: torch.Tensor) -> torch.Tensor:
-        return self.posterior(features).mode()
+    def encode_project(self, features: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+        return self.posterior(features, offset).mode()
+
+    def zero_init_projection(self) -> None:
+        with torch.no_grad():  # the mean rows only: the logvar head keeps its configured start
+            self.proj.weight[: self.latent_dim].zero_()
+            self.proj.bias[: self.latent_dim].zero_()
 
