@@ -35,6 +35,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     registries = _registries()
     recipe = load_recipe(args.recipe, registries, args.set)
+    if args.dry_run:
+        from atoken_core.estimate import dry_run, format_dry_run
+
+        print(format_dry_run(dry_run(recipe, registries)))
+        return 0
     report = run_recipe(recipe, registries, args.out, resume=args.resume, progress=not args.no_progress)
     print(summary(report, args.out or recipe.resolved_output_dir()))
     return 0
@@ -170,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the recipe's output_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print parameters, tokens, FLOPs and activation memory per step; build nothing real, run nothing")
     add_set(p)
     p.set_defaults(func=cmd_run)
 

@@ -55,6 +55,10 @@ class Modality(abc.ABC):
     def unpatchify(self, patches: Sparse4D, meta: list[dict[str, Any]], spec: PatchSpec) -> list[torch.Tensor]:
         """Inverse of :meth:`patchify` (up to the reconstruction itself)."""
 
+    @abc.abstractmethod
+    def num_tokens(self, shape: Sequence[int], spec: PatchSpec) -> int:
+        """Tokens one sample of this shape becomes (for cost estimates without data)."""
+
     def default_losses(self) -> list[str]:
         return ["l1"]
 

@@ -90,6 +90,10 @@ class ImageModality(Modality):
     def grid(height: int, width: int, patch: int) -> tuple[int, int]:
         return math.ceil(height / patch), math.ceil(width / patch)
 
+    def num_tokens(self, shape: Sequence[int], spec: PatchSpec) -> int:
+        gh, gw = self.grid(shape[-2], shape[-1], spec.patch_size)
+        return gh * gw
+
     def patchify(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> Tokens:
         p = spec.patch_size
         parts, meta = [], []

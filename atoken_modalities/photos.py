@@ -44,6 +44,9 @@ class PackagedPhotosConfig:
         metadata={"doc": "held-out images, evaluated at native size"},
     )
 
+    def train_sample_shape(self) -> tuple[int, int, int]:
+        return (3, self.crop, self.crop)
+
 
 @attrs.define(kw_only=True)
 class ImageFolderConfig:
@@ -51,6 +54,9 @@ class ImageFolderConfig:
     eval_root: str = attrs.field(metadata={"doc": "folder of held-out images"})
     crop: int = _crop
     extensions: list[str] = attrs.field(factory=lambda: [".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"])
+
+    def train_sample_shape(self) -> tuple[int, int, int]:
+        return (3, self.crop, self.crop)
 
 
 @hookimpl

@@ -1,0 +1,56 @@
+"""`--dry-run` estimates against torch's own FLOP counter and a real build."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import make_model
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from atoken_core.build import build_model
+from atoken_core.estimate import dry_run, forward_flops
+from atoken_core.recipe import load_recipe
+from atoken_core.sparse import Sparse4D
+from test_model import random_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny.toml")
+
+
+def test_forward_flops_match_torch_flop_counter(registries):
+    model = make_model(registries)
+    tokens = Sparse4D.cat(random_tokens([10, 10, 10]))  # equal lengths: the batched attention path
+    # The math SDPA backend runs attention as matmuls the counter sees (the fused CPU kernel
+    # is invisible to it).
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(tokens, sample=False)
+    assert counter.get_total_flops() == forward_flops(model.flavor, 8, model.spec.frame_dim, [10, 10, 10])
+
+
+def test_dry_run_counts_params_without_building_weights(registries):
+    recipe = load_recipe(TINY, registries, ["model.flavor=\"test\"", "model.latent_dim=8", "data.image.crop=32"])
+    report = dry_run(recipe, registries)
+    real = build_model(recipe, registries)
+    assert report["params"] == real.num_params()
+    (stage,) = report["stages"]
+    assert stage["tokens_per_step"] == recipe.stage[0].batch_size * (32 // 4) ** 2
+
+
+def test_dry_run_cli_so400m_allocates_nothing():
+    # 830M parameters would take 3 GiB in fp32: the dry run must stay far below that.
+    code = (
+        "import resource, sys\n"
+        "from atoken_core.cli import main\n"
+        f"rc = main(['run', {TINY!r}, '--dry-run', '--set', 'model.flavor=\"so400m\"'])\n"
+        "peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print('PEAK', peak_mib)\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "flavor so400m: 830,131,744 parameters" in proc.stdout
+    peak = float(proc.stdout.split("PEAK")[1])
+    assert peak < 1500, f"dry run used {peak:.0f} MiB"
