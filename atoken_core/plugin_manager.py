@@ -26,6 +26,7 @@ EXTRA_PLUGINS_ENV = "ATOKEN_PLUGINS"
 # them available when autoloading is disabled. A test keeps the two lists in step.
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("image", "atoken_modalities.image"),
+    ("video", "atoken_modalities.video"),
     ("photos", "atoken_modalities.photos"),
     ("bottlenecks", "atoken_bottlenecks"),
     ("losses", "atoken_losses"),

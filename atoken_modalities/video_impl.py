@@ -1,0 +1,170 @@
+"""Video patchify/unpatchify and video file I/O (PyAV)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from atoken_core.interfaces import Modality, PatchSpec, Tokens
+from atoken_core.sparse import Sparse4D
+from atoken_modalities.image_impl import save_image
+
+
+class VideoError(ValueError):
+    """A video that cannot be used, with the file (or sample) it came from."""
+
+
+def check_video_tensor(x: torch.Tensor, where: str, channels: int) -> None:
+    if x.ndim != 4:
+        raise VideoError(f"{where}: expected a video tensor (T, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise VideoError(f"{where}: expected {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if x.shape[0] == 0:
+        raise VideoError(f"{where}: video has zero frames")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise VideoError(f"{where}: video has zero size {tuple(x.shape[2:])}")
+
+
+def pad_spatial(x_tchw: torch.Tensor, multiple: int, mode: str) -> torch.Tensor:
+    """Pad H and W (bottom/right) up to multiples of ``multiple``, every frame alike."""
+    h, w = x_tchw.shape[-2:]
+    pad = (0, -w % multiple, 0, -h % multiple)
+    if not any(pad):
+        return x_tchw
+    if mode == "reflect" and (pad[1] >= w or pad[3] >= h):
+        mode = "replicate"  # reflect needs the frame to be larger than the pad (as for images)
+    return F.pad(x_tchw, pad, mode=mode)
+
+
+def pad_frames(x_tchw: torch.Tensor, multiple: int, mode: str) -> torch.Tensor:
+    """Pad T up to a multiple of ``multiple`` so the last temporal block is whole."""
+    missing = -x_tchw.shape[0] % multiple
+    if not missing:
+        return x_tchw
+    last = x_tchw[-1:] if mode == "replicate" else torch.zeros_like(x_tchw[-1:])
+    return torch.cat([x_tchw, last.expand(missing, -1, -1, -1)])
+
+
+class VideoModality(Modality):
+    """Videos cut into ``tp x p x p`` blocks. Each token's features are laid out as
+    ``(frame, ph, pw, C)`` frame-major, so its first ``p*p*C`` numbers are exactly the image
+    modality's patch of the block's first frame: with the patch embedding's zero-initialised
+    temporal weights a still video starts out embedded like its image."""
+
+    name = "video"
+    subspace = ("t", "x", "y")
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @staticmethod
+    def grid(frames: int, height: int, width: int, spec: PatchSpec) -> tuple[int, int, int]:
+        p = spec.patch_size
+        return math.ceil(frames / spec.temporal_patch), math.ceil(height / p), math.ceil(width / p)
+
+    def num_tokens(self, shape: Sequence[int], spec: PatchSpec) -> int:
+        """Tokens of one (T, C, H, W) video."""
+        return math.prod(self.grid(shape[0], shape[-2], shape[-1], spec))
+
+    def patchify(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> Tokens:
+        p, tp = spec.patch_size, spec.temporal_patch
+        parts, meta = [], []
+        for i, x in enumerate(samples):
+            check_video_tensor(x, f"sample {i}", spec.channels)
+            t, _, h, w = x.shape
+            x = pad_frames(pad_spatial(x, p, self.config.pad_mode), tp, self.config.frame_pad)
+            gt, gh, gw = self.grid(t, h, w, spec)
+            patches = rearrange(x, "(gt ft) c (gh ph) (gw pw) -> (gt gh gw) (ft ph pw c)", ft=tp, ph=p, pw=p)
+            # Same (gt, gh, gw) order as the rearrange above: token k sits at grid cell k.
+            tt, rows, cols = torch.meshgrid(torch.arange(gt), torch.arange(gh), torch.arange(gw), indexing="ij")
+            coords = torch.stack([tt, cols, rows, torch.zeros_like(tt)], dim=-1).reshape(-1, 4)
+            parts.append(Sparse4D.single(patches, coords.to(x.device)))
+            meta.append({"frames": t, "height": h, "width": w, "grid": (gt, gh, gw)})
+        return Tokens(Sparse4D.cat(parts), meta)
+
+    def unpatchify(self, patches: Sparse4D, meta: list[dict[str, Any]], spec: PatchSpec) -> list[torch.Tensor]:
+        p = spec.patch_size
+        out = []
+        for sample, m in zip(patches.split(), meta):
+            gt, gh, gw = m["grid"]
+            x = rearrange(sample.features, "(gt gh gw) (ft ph pw c) -> (gt ft) c (gh ph) (gw pw)",
+                          gt=gt, gh=gh, gw=gw, ph=p, pw=p, c=spec.channels)
+            out.append(x[: m["frames"], :, : m["height"], : m["width"]])  # drop frame and pixel padding
+        return out
+
+
+def load_video(path: str, max_frames: int | None = None) -> torch.Tensor:
+    """Decode a local video file (PyAV needs a real path) into (T, 3, H, W) float in [-1, 1].
+
+    Reads the first ``max_frames`` frames (all when None). Every failure (missing file, not a
+    video, corrupt or truncated data, no decodable frame) is a :class:`VideoError` naming the file.
+    """
+    import av
+
+    if max_frames is not None and max_frames < 1:
+        raise VideoError(f"{path}: max_frames must be >= 1, got {max_frames}")
+    if not os.path.exists(path):
+        raise VideoError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise VideoError(f"{path}: is a directory, not a video file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: file is empty (0 bytes)")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: no video stream")
+            decoded = container.decode(video=0)
+            frames = [f.to_ndarray(format="rgb24") for f in itertools.islice(decoded, max_frames)]
+    except av.error.InvalidDataError:
+        raise VideoError(f"{path}: not a video file FFmpeg can read (or truncated)") from None
+    except (av.error.FFmpegError, OSError) as err:
+        raise VideoError(f"{path}: corrupt or unreadable video: {err}") from None
+    if not frames:
+        raise VideoError(f"{path}: no decodable video frames")
+    arr = rearrange(np.stack(frames), "t h w c -> t c h w")
+    return torch.from_numpy(arr).float() / 127.5 - 1.0
+
+
+def save_video(frames: torch.Tensor, path: str, fps: float = 25, crf: int = 18) -> None:
+    """Write (T, 3, H, W) frames in [-1, 1] to a local H.264 mp4 (libx264, yuv420p).
+
+    yuv420p stores colour at half resolution, so H and W must be even: odd sizes are padded by
+    one replicated row/column, and the file is then one pixel larger than ``frames``.
+    """
+    import av
+
+    check_video_tensor(frames, path, 3)
+    x = pad_spatial(frames.detach().float().cpu(), 2, "replicate")
+    arr = rearrange(((x.clamp(-1, 1) + 1) * 127.5).round().byte(), "t c h w -> t h w c").numpy()
+    try:
+        with av.open(path, "w") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(10000))
+            stream.width, stream.height = arr.shape[2], arr.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for frame in arr:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())  # flush the encoder's delayed (B-)frames
+    except (av.error.FFmpegError, OSError) as err:
+        raise VideoError(f"{path}: cannot write video: {err}") from None
+
+
+def save_frame_strip(frames: torch.Tensor, path: str, max_frames: int = 8) -> None:
+    """Save up to ``max_frames`` evenly spaced frames side by side as one image (format from
+    the extension, e.g. PNG): a quick look at a video or its reconstruction."""
+    check_video_tensor(frames, path, 3)
+    if max_frames < 1:
+        raise VideoError(f"{path}: max_frames must be >= 1, got {max_frames}")
+    t = frames.shape[0]
+    # Spacing >= 1 frame, so the rounded indices are distinct.
+    idx = torch.linspace(0, t - 1, min(t, max_frames)).round().long()
+    save_image(rearrange(frames[idx], "t c h w -> c h (t w)"), path)
