@@ -176,7 +176,8 @@ def parse_value(text: str) -> Any:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``--set a.b[0].c=value`` to the raw TOML data, in place."""
+    """Apply one ``--set a.b[0].c=value`` to the raw TOML data, in place. An index one past
+    the end of a list appends (``--set stage[1]={name = "b", steps = 5}`` adds a stage)."""
     key, sep, raw = assignment.partition("=")
     if not sep:
         raise ConfigError([f"--set {assignment!r}: expected KEY=VALUE"])
@@ -189,8 +190,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         where = key.strip()
         nxt = path[i + 1]
         if isinstance(seg, int):
-            if not isinstance(node, list) or seg >= len(node):
+            if not isinstance(node, list) or seg > len(node):
                 raise ConfigError([f"--set {where}: index [{seg}] does not exist"])
+            if seg == len(node):
+                node.append([] if isinstance(nxt, int) else {})
             node = node[seg]
         else:
             if not isinstance(node, Mapping):
@@ -199,9 +202,12 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     last = path[-1]
     value = parse_value(raw.strip())
     if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
+        if not isinstance(node, list) or last > len(node):
             raise ConfigError([f"--set {key.strip()}: index [{last}] does not exist"])
-        node[last] = value
+        if last == len(node):
+            node.append(value)
+        else:
+            node[last] = value
     else:
         if not isinstance(node, dict):
             raise ConfigError([f"--set {key.strip()}: {last!r} is not inside a table"])

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from atoken_core import __version__
-from atoken_core.build import build_component, build_model, build_modality
+from atoken_core.build import build_bottleneck, build_component, build_model, build_modality
 from atoken_core.checkpoint import (
     CheckpointError,
     load_model_state,
@@ -64,6 +64,7 @@ class Run:
         self.modalities = {m: build_modality(recipe, registries, m) for m in names}
         self.data = {m: build_component(recipe.data[m], "dataset", registries) for m in names}
         self.model = build_model(recipe, registries, self.plans[0].bottleneck)
+        self._bottleneck_spec = self.plans[0].bottleneck
         self.losses = [(spec, build_component(spec, "loss", registries)) for spec in recipe.loss]
         self.optimizer = self._optimizer()
         self.recipe_dict = recipe_to_dict(recipe)
@@ -107,6 +108,17 @@ class Run:
         return path if protocol == "file" else f"{protocol}://{path}"
 
     # ------------------------------------------------------------------ pieces
+    def use_bottleneck(self, spec: Any) -> None:
+        """Switch to a stage's bottleneck (e.g. KL -> FSQ): a new W_r on the same encoder and
+        decoder, and a fresh optimiser for the new parameter set."""
+        if (spec.kind, spec.params) == (self._bottleneck_spec.kind, self._bottleneck_spec.params):
+            return
+        flavor = self.model.flavor
+        self.model.bottleneck = build_bottleneck(spec, self.registries, in_dim=flavor.width,
+                                                 latent_dim=self.recipe.model.latent_dim)
+        self._bottleneck_spec = spec
+        self.optimizer = self._optimizer()
+
     def stage_at(self, step: int) -> tuple[StagePlan, int]:
         start = 0
         for plan in self.plans:
@@ -246,6 +258,7 @@ class Run:
             if ckpts:
                 step, path = ckpts[-1]
                 tensors, meta = read_checkpoint(self._url(path))
+                self.use_bottleneck(self.plans[int(meta["state"]["stage"])].bottleneck)
                 load_model_state(self.model, tensors, path)
                 load_optimizer_state(self.optimizer, tensors, meta)
                 start = int(meta["state"]["step"])
@@ -266,10 +279,9 @@ class Run:
         streak = 0
         bar = tqdm(total=self.total_steps, initial=start, disable=not self.progress, desc="train", unit="step",
                    dynamic_ncols=True)
-        plan = self.stage_at(start)[0]
-        step = start
         for step in range(start, self.total_steps):
             plan = self.stage_at(step)[0]
+            self.use_bottleneck(plan.bottleneck)
             bar.set_description(f"stage {plan.index + 1}/{len(self.plans)} {plan.name}")
             row = self.train_step(step)
             if not row.pop("finite"):

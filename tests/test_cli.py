@@ -211,3 +211,27 @@ def test_pca_shortcut_run_starts_at_the_baseline(tmp_path, cache):
         pca = report["pca_baseline"]["image"]["per_image"][name]
         assert abs(start["psnr"] - pca["psnr"]) < 1e-3 and abs(start["ssim"] - pca["ssim"]) < 1e-4
     assert "shortcut" in report["params"]
+
+
+def test_stage_switches_bottleneck_and_resumes_across_the_switch(tmp_path, cache):
+    out = tmp_path / "two-stage"
+    stages = ['stage[1]={name = "fsq", steps = 3, batch_size = 4, bottleneck = {kind = "fsq", levels = [5, 4]}}',
+              "log.checkpoint_every=3", "log.keep_checkpoints=3", "eval.pca_baseline=false"]
+    atoken("run", TINY, "--out", str(out), "--no-progress", *small(3, *stages), cache=cache)
+    ckpts = sorted((out / "checkpoints").glob("*.safetensors"))
+    assert [p.name for p in ckpts] == ["step-000003.safetensors", "step-000006.safetensors"]
+    first, _ = read_checkpoint(str(ckpts[0]))
+    last, meta = read_checkpoint(str(ckpts[1]))
+    assert first["model.bottleneck.proj.weight"].shape[0] == 16  # KL: mean and log-variance of 8 channels
+    assert last["model.bottleneck.proj.weight"].shape[0] == 8 and meta["state"]["stage"] == 1
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["stage"] for r in rows] == ["image"] * 3 + ["fsq"] * 3
+    assert "image/kl" in rows[0] and "image/kl" not in rows[-1]  # no KL term on FSQ latents
+
+    # resume from the stage-0 checkpoint: the FSQ stage replays exactly
+    ckpts[1].unlink()
+    atoken("run", TINY, "--out", str(out), "--no-progress", "--resume", *small(3, *stages), cache=cache)
+    def without_time(rs):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+
+    assert without_time(read_metrics(out / "metrics.jsonl")) == without_time(rows)
