@@ -11,13 +11,18 @@ from atoken_core import hookimpl
 from atoken_core.registry import Component
 
 
-@attrs.define(kw_only=True)
-class ImageConfig:
-    pad_mode: str = attrs.field(
+def pad_mode_field() -> str:
+    """Spatial padding of sizes that are not multiples of the patch (shared with video)."""
+    return attrs.field(
         default="replicate",
         validator=attrs.validators.in_(["replicate", "reflect", "constant"]),
         metadata={"doc": "how sizes that are not multiples of the patch are padded (the padding is cropped off again)"},
     )
+
+
+@attrs.define(kw_only=True)
+class ImageConfig:
+    pad_mode: str = pad_mode_field()
 
 
 @hookimpl

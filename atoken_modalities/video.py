@@ -9,15 +9,12 @@ import attrs
 
 from atoken_core import hookimpl
 from atoken_core.registry import Component
+from atoken_modalities.image import pad_mode_field
 
 
 @attrs.define(kw_only=True)
 class VideoConfig:
-    pad_mode: str = attrs.field(
-        default="replicate",
-        validator=attrs.validators.in_(["replicate", "reflect", "constant"]),
-        metadata={"doc": "how frame sizes that are not multiples of the patch are padded (cropped off again)"},
-    )
+    pad_mode: str = pad_mode_field()
     frame_pad: str = attrs.field(
         default="replicate",
         validator=attrs.validators.in_(["replicate", "constant"]),
