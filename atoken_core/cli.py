@@ -161,6 +161,40 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_siglip2(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save as st_save
+
+    from atoken_core.flavors import FLAVORS
+    from atoken_core.io import atomic_write_bytes
+    from atoken_core.model import AToken
+    from atoken_core.siglip2 import (
+        convert_siglip2_state,
+        encoder_state_dict,
+        load_siglip2_vision_state,
+    )
+
+    flavor = FLAVORS[args.flavor]
+    state = load_siglip2_vision_state(args.path)
+    tensors = convert_siglip2_state(state, flavor, source=args.path)
+    # Check the converted keys and shapes against the real model, built on the meta device so
+    # an 800M-parameter flavour costs no memory here.
+    kl = _registries()["bottleneck"].get("kl")
+    with torch.device("meta"):
+        model = AToken(flavor, kl.build(kl.config(), in_dim=flavor.width, latent_dim=32))
+    own = encoder_state_dict(model)
+    wrong = sorted(set(own) ^ set(tensors)) + [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
+    if wrong:
+        raise RuntimeError(f"SigLIP2 conversion does not match AToken's encoder: {', '.join(wrong[:8])}")
+    metadata = {"format": "atoken-encoder-v1", "source": args.path, "origin": "siglip2",
+                "flavor": args.flavor, "atoken_version": __version__}
+    atomic_write_bytes(args.output, st_save(tensors, metadata=metadata))
+    params = sum(t.numel() for t in tensors.values())
+    print(f"{args.path}: SigLIP2 vision tower -> {len(tensors)} encoder tensors ({params:,} parameters, "
+          f"flavour {args.flavor}) -> {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atoken", description="A unified tokenizer for images, videos and 3D assets.")
     parser.add_argument("--version", action="version", version=f"atoken {__version__}")
@@ -200,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tokens")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_decode)
+
+    # flavors.py needs only attrs: cheap enough to import while building the parser
+    from atoken_core.flavors import FLAVORS
+
+    p = sub.add_parser("import-siglip2", help="SigLIP2 vision weights (.safetensors) -> encoder initialisation")
+    p.add_argument("path", help="a Siglip2VisionModel or Siglip2Model safetensors file (local path or fsspec URL)")
+    p.add_argument("--flavor", default="so400m", choices=list(FLAVORS),
+                   help="the flavour the weights must fit (default: so400m)")
+    p.add_argument("-o", "--output", required=True, help="where to write the encoder weights (.safetensors)")
+    p.set_defaults(func=cmd_import_siglip2)
     return parser
 
 

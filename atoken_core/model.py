@@ -3,6 +3,7 @@ rotary position embedding, and attention restricted to each packed sample."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -65,25 +66,40 @@ def packed_attention(q_lhd: torch.Tensor, k_lhd: torch.Tensor, v_lhd: torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, rope: RoPE4D) -> None:
+    """Self-attention with 4D RoPE on queries and keys.
+
+    With ``rope_gate=True`` a learnable scalar ``g`` blends the rotation in:
+    ``q + g * (rope(q) - q)``. It starts at 1 (plain RoPE) for a model trained from scratch;
+    importing SigLIP2 sets it to 0 so RoPE contributes nothing at initialisation and the
+    encoder reproduces SigLIP2 exactly, then training opens the gate.
+    """
+
+    def __init__(self, width: int, heads: int, rope: RoPE4D, *, rope_gate: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.rope = rope
+        self.rope_gate = nn.Parameter(torch.ones(())) if rope_gate else None
+
+    def rotate(self, x_lhd: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        rotated = self.rope(x_lhd, angles)
+        if self.rope_gate is None:
+            return rotated
+        return x_lhd + self.rope_gate.to(x_lhd.dtype) * (rotated - x_lhd)
 
     def forward(self, x_ld: torch.Tensor, tokens: Sparse4D, angles: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x_ld), "l (three h d) -> three l h d", three=3, h=self.heads)
-        q, k = self.rope(q, angles), self.rope(k, angles)
+        q, k = self.rotate(q, angles), self.rotate(k, angles)
         out = packed_attention(q, k, v, tokens)
         return self.proj(rearrange(out, "l h d -> l (h d)"))
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp: int, rope: RoPE4D) -> None:
+    def __init__(self, width: int, heads: int, mlp: int, rope: RoPE4D, *, rope_gate: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
-        self.attn = Attention(width, heads, rope)
+        self.attn = Attention(width, heads, rope, rope_gate=rope_gate)
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, width))
 
@@ -118,6 +134,41 @@ class PatchEmbed(nn.Module):
         return F.linear(patches_lf, w, self.bias)
 
 
+def resize_pos_embed(grid_ggd: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A (g, g, D) learned grid -> (rows, cols, D), exactly as transformers'
+    ``Siglip2VisionEmbeddings.resize_positional_embeddings`` does it (bilinear, antialias,
+    align_corners=False), so imported SigLIP2 weights see the positions they were trained on.
+    Interpolation runs in float32: CPU antialias has no bf16/fp16 kernel, and SigLIP2 upcasts too."""
+    grid = rearrange(grid_ggd.float(), "h w d -> 1 d h w")
+    resized = F.interpolate(grid, size=(rows, cols), mode="bilinear", align_corners=False, antialias=True)
+    return rearrange(resized, "1 d h w -> h w d").to(grid_ggd.dtype)
+
+
+class AttentionPool(nn.Module):
+    """SigLIP2's multi-head attention pooling head (``Siglip2MultiheadAttentionPoolingHead``):
+    a learned probe attends over a sample's tokens, then a pre-norm residual MLP. Over a packed
+    batch, sample ``b``'s probe may only attend to sample ``b``'s tokens, which is what SigLIP2's
+    padding mask does for a padded batch. Parameter names mirror SigLIP2's ``head.*``."""
+
+    def __init__(self, width: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, width))
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.layernorm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, width))
+
+    def forward(self, x_ld: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
+        """(L, D) features of a packed batch -> (B, D), one vector per sample."""
+        b = tokens.batch_size
+        ids = tokens.sample_ids()
+        # One query per sample, all in one attention call: True marks a forbidden (query, key) pair.
+        blocked_bl = torch.arange(b, device=ids.device)[:, None] != ids[None, :]
+        probes = self.probe.expand(1, b, -1)  # (1, B, D): a batch of one with B query positions
+        keys = x_ld[None]
+        pooled = self.attention(probes, keys, keys, attn_mask=blocked_bl, need_weights=False)[0][0]
+        return pooled + self.mlp(self.layernorm(pooled))
+
+
 class AToken(nn.Module):
     """Encoder -> bottleneck (owns W_r) -> decoder, over packed sparse 4D tokens.
 
@@ -136,8 +187,15 @@ class AToken(nn.Module):
         w = flavor.width
         self.rope = RoPE4D(flavor.head_dim, flavor.rope_theta)
         self.patch_embed = PatchEmbed(self.spec, w)
-        self.encoder = nn.ModuleList(Block(w, flavor.heads, flavor.mlp, self.rope) for _ in range(flavor.depth))
+        g = flavor.pos_embed_grid
+        # SigLIP2-style learned positions (row-major g*g rows, SigLIP2's layout); flavours
+        # without them rely on RoPE alone and keep exactly their previous parameters.
+        self.pos_embed = nn.Parameter(torch.randn(g * g, w) * 0.02) if g else None
+        self.encoder = nn.ModuleList(
+            Block(w, flavor.heads, flavor.mlp, self.rope, rope_gate=g is not None) for _ in range(flavor.depth)
+        )
         self.encoder_norm = nn.LayerNorm(w, eps=1e-6)
+        self.pool_head = AttentionPool(w, flavor.heads, flavor.mlp) if flavor.semantic else None
         self.bottleneck = bottleneck
         self.decoder_in = nn.Linear(bottleneck.latent_dim, w)
         self.decoder = nn.ModuleList(
@@ -158,13 +216,41 @@ class AToken(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def position_embeddings(self, tokens: Sparse4D) -> torch.Tensor:
+        """(L, width): the learned grid resized to each sample's (rows, cols) patch grid and
+        read at every token's (y, x). The grid size of a sample is its largest coordinate + 1
+        (images: rows = max y + 1, cols = max x + 1); t and z are ignored, so every frame of a
+        video shares its image's positions."""
+        g = self.flavor.pos_embed_grid
+        grid_ggd = rearrange(self.pos_embed, "(h w) d -> h w d", h=g, w=g)
+        x_l, y_l = tokens.coords[:, 1], tokens.coords[:, 2]
+        out = self.pos_embed.new_empty(tokens.num_tokens, self.flavor.width)
+        bounds = tokens.cu_seqlens.tolist()
+        resized: dict[tuple[int, int], torch.Tensor] = {}  # samples of one shape share a resize
+        for a, b in itertools.pairwise(bounds):
+            if a == b:
+                continue
+            rows, cols = int(y_l[a:b].max()) + 1, int(x_l[a:b].max()) + 1
+            if (rows, cols) not in resized:
+                resized[rows, cols] = resize_pos_embed(grid_ggd, rows, cols)
+            out[a:b] = resized[rows, cols][y_l[a:b], x_l[a:b]]
+        return out
+
     def encode(self, patches: Sparse4D) -> torch.Tensor:
         """Patch pixels (L, frames*p*p*C) -> encoder features (L, width)."""
         angles = self.rope.angles(patches.coords)
         x_ld = self.patch_embed(patches.features)
+        if self.pos_embed is not None:
+            x_ld = x_ld + self.position_embeddings(patches)
         for block in self.encoder:
             x_ld = block(x_ld, patches, angles)
         return self.encoder_norm(x_ld)
+
+    def pool(self, features: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
+        """Encoder features (L, width) of a packed batch -> (B, width) semantic vectors."""
+        if self.pool_head is None:
+            raise ValueError("this model's flavour has no semantic head (flavor.semantic is False)")
+        return self.pool_head(features, tokens)
 
     def decode(self, latent: Sparse4D, frames: int = 1) -> torch.Tensor:
         """Latent (L, latent_dim) -> patch pixels (L, frames*p*p*C)."""
@@ -217,10 +303,13 @@ class AToken(nn.Module):
             return sum(p.numel() for m in mods for p in m.parameters())
 
         counts = {
-            "encoder": count([self.patch_embed, self.encoder, self.encoder_norm]),
+            "encoder": count([self.patch_embed, self.encoder, self.encoder_norm])
+            + (self.pos_embed.numel() if self.pos_embed is not None else 0),
             "bottleneck": count([self.bottleneck]),
             "decoder": count([self.decoder_in, self.decoder, self.decoder_norm, self.pixel_head]),
         }
+        if self.pool_head is not None:
+            counts["semantic"] = count([self.pool_head])
         if self.shortcut_in is not None:
             counts["shortcut"] = count([self.shortcut_in, self.shortcut_out])
         return counts
