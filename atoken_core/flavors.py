@@ -30,6 +30,8 @@ class Flavor:
 
 FLAVORS: dict[str, Flavor] = {
     "test": Flavor(32, 1, 1, 2, 64, patch_size=4, temporal_patch=2, description="unit tests only"),
+    "test-siglip": Flavor(64, 2, 1, 4, 128, patch_size=4, temporal_patch=2, pos_embed_grid=4, semantic=True,
+                          description="unit tests of SigLIP2 import (a small so400m look-alike)"),
     "tiny": Flavor(192, 4, 4, 3, 768, description="CPU demo (~4M params)"),
     "base": Flavor(768, 12, 12, 12, 3072, description="ViT-B/16 encoder + decoder (~170M), the paper's capacity ablation"),
     # SigLIP2-so400m-patch16-naflex: 256 learned positions (16 x 16) and the pooling head.

@@ -51,18 +51,27 @@ class RoPE4D(nn.Module):
 
 
 def packed_attention(q_lhd: torch.Tensor, k_lhd: torch.Tensor, v_lhd: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
-    """Attention within each packed sample only (block-diagonal), without padding."""
+    """Attention within each packed sample only (block-diagonal), without padding.
+
+    Samples are grouped by length and each group runs as one batched SDPA call, so the cost
+    is the sum over samples of n_i^2 — never (total length)^2, never batch x longest^2.
+    """
     n = tokens.uniform_length()
     if n is not None:
-        # Equal lengths: a plain batched call, the fast path for fixed-size training crops.
+        # Equal lengths (fixed-size training crops): one group, no gather needed.
         q, k, v = (rearrange(t, "(b n) h d -> b h n d", n=n) for t in (q_lhd, k_lhd, v_lhd))
         out = F.scaled_dot_product_attention(q, k, v)
         return rearrange(out, "b h n d -> (b n) h d")
-    ids = tokens.sample_ids()
-    mask_ll = ids[:, None] == ids[None, :]
-    q, k, v = (rearrange(t, "l h d -> 1 h l d") for t in (q_lhd, k_lhd, v_lhd))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_ll)
-    return rearrange(out, "1 h l d -> l h d")
+    out = torch.empty_like(q_lhd)
+    starts, lengths = tokens.cu_seqlens[:-1], tokens.lengths
+    for length in lengths.unique().tolist():
+        if length == 0:
+            continue
+        first = starts[lengths == length]
+        index_bn = first[:, None] + torch.arange(length, device=first.device)  # token rows of each sample
+        q, k, v = (rearrange(t[index_bn], "b n h d -> b h n d") for t in (q_lhd, k_lhd, v_lhd))
+        out[index_bn] = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n h d")
+    return out
 
 
 class Attention(nn.Module):

@@ -45,10 +45,20 @@ def _known_flavor(instance: Any, attribute: attrs.Attribute, value: str) -> None
         raise ValueError(f"'{attribute.name}' must be one of {', '.join(FLAVORS)}; got {value!r}")
 
 
+def _check_init(attribute: attrs.Attribute, value: str) -> None:
+    if value and not (value.startswith("siglip2:") and len(value) > len("siglip2:")):
+        raise ValueError(f"'{attribute.name}' must be '' or 'siglip2:PATH', got {value!r}")
+
+
 @attrs.define(kw_only=True)
 class ModelConfig:
     flavor: str = doc("named size preset from atoken_core.flavors.FLAVORS", default="tiny", validator=_known_flavor)
     latent_dim: int = doc("channels of the reconstruction latent z_r (32 in stage 1, 48 from stage 2)", default=32)
+    init: str = doc(
+        "'' (random initialisation) or 'siglip2:PATH': import a Hugging Face SigLIP2 vision tower "
+        "(local file or fsspec URI) into the encoder before the first step",
+        default="", validator=lambda _, attribute, value: _check_init(attribute, value),
+    )
     shortcut: str = doc(
         "'none' (the paper's pure transformer) or 'pca': a linear pixels<->latent path beside the "
         "transformer, started at the PCA solution of the training patches",

@@ -265,6 +265,11 @@ class Run:
                 extra = {k: meta["state"][k] for k in ("eval_initial", "pca_baseline", "nonfinite_steps") if k in meta["state"]}
                 self._truncate_metrics(start)
                 resumed = True
+        if not resumed and self.recipe.model.init.startswith("siglip2:"):
+            from atoken_core.siglip2 import import_siglip2, load_siglip2_vision_state
+
+            path = self.recipe.model.init.removeprefix("siglip2:")
+            import_siglip2(self.model, load_siglip2_vision_state(path), source=path)
         if not resumed and self.recipe.model.shortcut == "pca":
             pca = self.pca(self.plans[0].modalities[0])
             self.model.init_shortcut(pca.mean.float(), pca.basis.float(), pca.variance.float())

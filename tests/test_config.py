@@ -75,7 +75,7 @@ def test_all_problems_reported_at_once(registries):
     data = edited(model__flavor='"huge"', stage__0__batch_size="0")
     data["data"]["image"]["crop"] = "big"
     probs = problems_of(data, registries)
-    assert "model.flavor: invalid value: must be one of test, tiny, base, so400m; got 'huge'" in probs
+    assert "model.flavor: invalid value: must be one of test, test-siglip, tiny, base, so400m; got 'huge'" in probs
     assert "stage[0].batch_size: invalid value: must be >= 1: 0" in probs
     assert len(probs) == 2
     # component tables are checked once the recipe's own structure is sound

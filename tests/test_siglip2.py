@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
-from atoken_core.flavors import Flavor
+from atoken_core.flavors import FLAVORS
 from atoken_core.model import AToken
 from atoken_core.siglip2 import (
     SigLIP2ImportError,
@@ -21,8 +21,9 @@ from atoken_core.siglip2 import (
 from atoken_modalities.image import ImageConfig
 from atoken_modalities.image_impl import ImageModality
 
-P, WIDTH, DEPTH, HEADS, MLP, GRID = 4, 64, 2, 4, 128, 4
-FLAVOR = Flavor(WIDTH, DEPTH, 1, HEADS, MLP, patch_size=P, temporal_patch=2, pos_embed_grid=GRID, semantic=True)
+FLAVOR = FLAVORS["test-siglip"]
+P, WIDTH, DEPTH, HEADS, MLP, GRID = (FLAVOR.patch_size, FLAVOR.width, FLAVOR.depth, FLAVOR.heads, FLAVOR.mlp,
+                                     FLAVOR.pos_embed_grid)
 SIZES = [(8, 12), (16, 16), (12, 20), (4, 4), (24, 8)]  # (height, width) in pixels
 TOL = {"atol": 1e-4, "rtol": 0}
 
@@ -204,3 +205,38 @@ def test_cli_writes_encoder_weights(models, tmp_path, monkeypatch, capsys):
                  "--flavor", "siglip-test", "-o", bad]) == 1
     assert "patch size: the file has 8x8 patches" in capsys.readouterr().err
     assert not (tmp_path / "other.safetensors").exists()
+
+
+def test_recipe_init_imports_siglip2_before_training(tmp_path, registries):
+    from pathlib import Path
+
+    from atoken_core.checkpoint import read_checkpoint
+    from atoken_core.recipe import load_recipe
+    from atoken_core.siglip2 import encoder_state_dict
+    from atoken_core.train import run_recipe
+
+    path = saved(tmp_path, hf_model().state_dict())
+    tiny = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml")
+    # lr = 0: the one step changes nothing, so the checkpoint shows exactly what was imported
+    recipe = load_recipe(tiny, registries, [
+        f'model.init="siglip2:{path}"', 'model.flavor="test-siglip"', "model.latent_dim=8", "data.image.crop=16",
+        "data.image.video_frames=0", "stage[0].steps=1", "stage[0].batch_size=2", "optim.lr=0",
+        "optim.warmup_steps=0", "eval.max_side=32", "eval.pca_baseline=false", 'loss=[{kind = "l1"}]',
+    ])
+    run_recipe(recipe, registries, str(tmp_path / "run"), progress=False)
+    tensors, _ = read_checkpoint(str(tmp_path / "run" / "checkpoints" / "step-000001.safetensors"))
+    expected = our_model()
+    import_siglip2(expected, load_siglip2_vision_state(path))
+    for key, value in encoder_state_dict(expected).items():
+        assert torch.equal(tensors[f"model.{key}"], value), key
+
+
+def test_recipe_init_must_name_siglip2(registries):
+    from pathlib import Path
+
+    from atoken_core.config import ConfigError
+    from atoken_core.recipe import load_recipe
+
+    tiny = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml")
+    with pytest.raises(ConfigError, match="model.init: invalid value"):
+        load_recipe(tiny, registries, ['model.init="clip:/x"'])
