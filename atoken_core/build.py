@@ -14,10 +14,12 @@ def build_bottleneck(spec: ComponentSpec, registries: Registries, *, in_dim: int
     return registries["bottleneck"].get(spec.kind).build(spec.config, in_dim=in_dim, latent_dim=latent_dim)
 
 
-def build_model(recipe: Recipe, registries: Registries, bottleneck: ComponentSpec | None = None) -> AToken:
+def build_model(recipe: Recipe, registries: Registries, bottleneck: ComponentSpec | None = None,
+                latent_dim: int | None = None) -> AToken:
     flavor = FLAVORS[recipe.model.flavor]
     spec = bottleneck or recipe.bottleneck
-    bottleneck_module = build_bottleneck(spec, registries, in_dim=flavor.width, latent_dim=recipe.model.latent_dim)
+    bottleneck_module = build_bottleneck(spec, registries, in_dim=flavor.width,
+                                         latent_dim=latent_dim or recipe.model.latent_dim)
     return AToken(flavor, bottleneck_module, shortcut=recipe.model.shortcut != "none")
 
 

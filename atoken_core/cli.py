@@ -88,7 +88,7 @@ def _load_model(ckpt: str):
     from atoken_core.build import build_component
 
     plan = build_component(recipe.curriculum, "curriculum", registries).stages(recipe)[stage]
-    model = build_model(recipe, registries, plan.bottleneck)
+    model = build_model(recipe, registries, plan.bottleneck, plan.latent_dim)
     load_model_state(model, tensors, ckpt)
     model.eval()
     return model, recipe, registries, meta

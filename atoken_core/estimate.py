@@ -48,7 +48,7 @@ def dry_run(recipe: Recipe, registries: Registries) -> dict[str, Any]:
             modality = build_modality(recipe, registries, name)
             shape = recipe.data[name].config.train_sample_shape()
             lengths += [modality.num_tokens(shape, model.spec)] * plan.batch_size
-        fwd = forward_flops(flavor, recipe.model.latent_dim, model.spec.frame_dim, lengths)
+        fwd = forward_flops(flavor, plan.latent_dim, model.spec.frame_dim, lengths)
         act = activation_elements_per_token(flavor) * sum(lengths)
         stages.append({
             "stage": plan.name, "steps": plan.steps, "modalities": list(plan.modalities),

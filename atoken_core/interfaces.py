@@ -100,6 +100,10 @@ class Bottleneck(nn.Module, abc.ABC):
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} is continuous; it has no codes")
 
+    def grow_from(self, old: Bottleneck) -> None:
+        """Copy a smaller bottleneck of the same kind into this one's first channels."""
+        raise NotImplementedError(f"{type(self).__name__} cannot grow its latent")
+
 
 @attrs.frozen
 class LossInputs:
@@ -128,6 +132,7 @@ class StagePlan:
     batch_size: int
     lr: float
     bottleneck: Any  # ComponentSpec in force for this stage
+    latent_dim: int = 0  # latent channels in force for this stage
 
 
 class Curriculum(abc.ABC):

@@ -286,6 +286,42 @@ class AToken(nn.Module):
         return recon, bott
 
     @torch.no_grad()
+    def replace_bottleneck(self, new: Bottleneck) -> None:
+        """Install a new bottleneck. A same-kind bottleneck with at least as many channels keeps
+        the old one's channels, and the channels it adds enter the decoder (and the shortcut)
+        through zero weights, so reconstructions are unchanged at the switch."""
+        old, k, n = self.bottleneck, self.bottleneck.latent_dim, new.latent_dim
+        grow = type(new) is type(old) and n >= k
+        if grow:
+            new.grow_from(old)
+        self.bottleneck = new
+        if n == k:
+            return
+
+        def widened(layer: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+            out = nn.Linear(in_features, out_features).to(layer.weight.device, layer.weight.dtype)
+            nn.init.zeros_(out.weight)
+            out.weight[: layer.out_features, : layer.in_features].copy_(layer.weight)
+            out.bias.zero_()
+            out.bias[: layer.out_features].copy_(layer.bias)
+            return out
+
+        if not grow:
+            self.decoder_in = nn.Linear(n, self.flavor.width).to(self.decoder_in.weight.device)
+            self._init_linear(self.decoder_in)
+        else:
+            self.decoder_in = widened(self.decoder_in, n, self.flavor.width)
+        if self.shortcut_in is not None:
+            old_in = self.shortcut_in
+            self.shortcut_in = PatchEmbed(self.spec, n).to(old_in.weight.device)
+            self.shortcut_in.weight.zero_()
+            self.shortcut_in.bias.zero_()
+            if grow:
+                self.shortcut_in.weight[:k].copy_(old_in.weight)
+                self.shortcut_in.bias[:k].copy_(old_in.bias)
+            self.shortcut_out = widened(self.shortcut_out, n, self.shortcut_out.out_features)
+
+    @torch.no_grad()
     def init_shortcut(self, mean_d: torch.Tensor, basis_kd: torch.Tensor, variance_k: torch.Tensor) -> None:
         """Start at PCA: latent = whitened top-k coefficients of the first frame's patch,
         pixels = the PCA reconstruction (repeated over a token's frames)."""

@@ -84,6 +84,10 @@ class StageConfig:
     batch_size: int = doc("samples per modality per step", default=8, validator=attrs.validators.ge(1))
     lr: float | None = doc("overrides optim.lr for this stage", default=None)
     bottleneck: ComponentSpec | None = doc("overrides the recipe's bottleneck from this stage on", default=None)
+    latent_dim: int | None = doc(
+        "grows the latent from this stage on (e.g. 32 -> 48); the new channels start silent so the "
+        "previous stage's reconstructions are unchanged at the switch", default=None,
+    )
 
 
 @attrs.define(kw_only=True)
@@ -214,6 +218,13 @@ def validate(recipe: Recipe, registries: Registries) -> Recipe:
                 problems.append(f"stage[{i}].modalities: {name!r} has no [data.{name}] table")
         if st.bottleneck is not None:
             _check_component(st.bottleneck, "bottleneck", f"stage[{i}].bottleneck", registries, problems)
+    latent = recipe.model.latent_dim
+    for i, st in enumerate(recipe.stage):
+        if st.latent_dim is not None:
+            if st.latent_dim < latent:
+                problems.append(f"stage[{i}].latent_dim: {st.latent_dim} is smaller than the {latent} before it; "
+                                "a latent can only grow")
+            latent = st.latent_dim
     if not recipe.stage:
         problems.append("stage: a recipe needs at least one [[stage]] block")
     if problems:

@@ -14,14 +14,15 @@ class Sequential(Curriculum):
 
     def stages(self, recipe: Any) -> list[StagePlan]:
         plans = []
-        bottleneck = recipe.bottleneck
+        bottleneck, latent_dim = recipe.bottleneck, recipe.model.latent_dim
         for i, st in enumerate(recipe.stage):
             bottleneck = st.bottleneck or bottleneck  # a stage's switch stays in force afterwards
+            latent_dim = st.latent_dim or latent_dim
             plans.append(
                 StagePlan(
                     index=i, name=st.name, steps=st.steps, modalities=tuple(st.modalities),
                     batch_size=st.batch_size, lr=st.lr if st.lr is not None else recipe.optim.lr,
-                    bottleneck=bottleneck,
+                    bottleneck=bottleneck, latent_dim=latent_dim,
                 )
             )
         return plans

@@ -63,7 +63,7 @@ class Run:
         names = sorted({m for p in self.plans for m in p.modalities})
         self.modalities = {m: build_modality(recipe, registries, m) for m in names}
         self.data = {m: build_component(recipe.data[m], "dataset", registries) for m in names}
-        self.model = build_model(recipe, registries, self.plans[0].bottleneck)
+        self.model = build_model(recipe, registries, self.plans[0].bottleneck, self.plans[0].latent_dim)
         self._bottleneck_spec = self.plans[0].bottleneck
         self.losses = [(spec, build_component(spec, "loss", registries)) for spec in recipe.loss]
         self.optimizer = self._optimizer()
@@ -108,14 +108,16 @@ class Run:
         return path if protocol == "file" else f"{protocol}://{path}"
 
     # ------------------------------------------------------------------ pieces
-    def use_bottleneck(self, spec: Any) -> None:
-        """Switch to a stage's bottleneck (e.g. KL -> FSQ): a new W_r on the same encoder and
-        decoder, and a fresh optimiser for the new parameter set."""
-        if (spec.kind, spec.params) == (self._bottleneck_spec.kind, self._bottleneck_spec.params):
+    def use_stage_bottleneck(self, plan: StagePlan) -> None:
+        """Switch to a stage's bottleneck (KL -> FSQ) or latent width (32 -> 48): a new W_r on the
+        same encoder and decoder (grown in place when only the width changes), and a fresh
+        optimiser for the new parameter set."""
+        spec, latent_dim = plan.bottleneck, plan.latent_dim
+        same_spec = (spec.kind, spec.params) == (self._bottleneck_spec.kind, self._bottleneck_spec.params)
+        if same_spec and latent_dim == self.model.bottleneck.latent_dim:
             return
-        flavor = self.model.flavor
-        self.model.bottleneck = build_bottleneck(spec, self.registries, in_dim=flavor.width,
-                                                 latent_dim=self.recipe.model.latent_dim)
+        new = build_bottleneck(spec, self.registries, in_dim=self.model.flavor.width, latent_dim=latent_dim)
+        self.model.replace_bottleneck(new)
         self._bottleneck_spec = spec
         self.optimizer = self._optimizer()
 
@@ -188,7 +190,7 @@ class Run:
     def pca(self, name: str) -> PCABaseline:
         """PCA of the training patches of one modality, fitted once per run."""
         if name not in self._pca:
-            pca = PCABaseline(self.modalities[name], self.model.spec, self.recipe.model.latent_dim)
+            pca = PCABaseline(self.modalities[name], self.model.spec, self.plans[-1].latent_dim)
             self._pca[name] = pca.fit(self.data[name].train_pool())
         return self._pca[name]
 
@@ -201,7 +203,7 @@ class Run:
             recons = [pca.reconstruct(x) for _, x in samples]
             per = {n: image_metrics(x, r) for (n, x), r in zip(samples, recons)}
             out[name] = {"mean": mean_metrics(list(per.values())), "per_image": per,
-                         "components": self.recipe.model.latent_dim, "explained_variance": pca.explained}
+                         "components": pca.k, "explained_variance": pca.explained}
             self._pca_recons[name] = recons
         return out
 
@@ -214,7 +216,7 @@ class Run:
             for i, (label, x) in enumerate(samples):
                 row = [(f"{label} original", x), (f"atoken step {step}", recons[i])]
                 if getattr(self, "_pca_recons", None):
-                    row.append((f"PCA-{self.recipe.model.latent_dim}", self._pca_recons[name][i]))
+                    row.append((f"PCA-{self.plans[-1].latent_dim}", self._pca_recons[name][i]))
                 rows.append(row)
             path = f"{self.out_path}/recon/{name}-step-{step:06d}.png"
             save_grid(rows, self._url(path))
@@ -258,7 +260,7 @@ class Run:
             if ckpts:
                 step, path = ckpts[-1]
                 tensors, meta = read_checkpoint(self._url(path))
-                self.use_bottleneck(self.plans[int(meta["state"]["stage"])].bottleneck)
+                self.use_stage_bottleneck(self.plans[int(meta["state"]["stage"])])
                 load_model_state(self.model, tensors, path)
                 load_optimizer_state(self.optimizer, tensors, meta)
                 start = int(meta["state"]["step"])
@@ -271,8 +273,9 @@ class Run:
             path = self.recipe.model.init.removeprefix("siglip2:")
             import_siglip2(self.model, load_siglip2_vision_state(path), source=path)
         if not resumed and self.recipe.model.shortcut == "pca":
-            pca = self.pca(self.plans[0].modalities[0])
-            self.model.init_shortcut(pca.mean.float(), pca.basis.float(), pca.variance.float())
+            pca, k = self.pca(self.plans[0].modalities[0]), self.plans[0].latent_dim
+            # the PCA is fitted at the final width; its leading k components are the k-PCA
+            self.model.init_shortcut(pca.mean.float(), pca.basis[:k].float(), pca.variance[:k].float())
         if "eval_initial" not in extra:
             extra["eval_initial"] = self.evaluate()
         if self.recipe.eval.pca_baseline:
@@ -286,7 +289,7 @@ class Run:
                    dynamic_ncols=True)
         for step in range(start, self.total_steps):
             plan = self.stage_at(step)[0]
-            self.use_bottleneck(plan.bottleneck)
+            self.use_stage_bottleneck(plan)
             bar.set_description(f"stage {plan.index + 1}/{len(self.plans)} {plan.name}")
             row = self.train_step(step)
             if not row.pop("finite"):

@@ -213,9 +213,10 @@ def test_pca_shortcut_run_starts_at_the_baseline(tmp_path, cache):
     assert "shortcut" in report["params"]
 
 
-def test_stage_switches_bottleneck_and_resumes_across_the_switch(tmp_path, cache):
+def test_stage_switches_bottleneck_and_latent_and_resumes_across_the_switch(tmp_path, cache):
     out = tmp_path / "two-stage"
-    stages = ['stage[1]={name = "fsq", steps = 3, batch_size = 4, bottleneck = {kind = "fsq", levels = [5, 4]}}',
+    stages = ['stage[1]={name = "fsq", steps = 3, batch_size = 4, latent_dim = 12, '
+              'bottleneck = {kind = "fsq", levels = [5, 4]}}',
               "log.checkpoint_every=3", "log.keep_checkpoints=3", "eval.pca_baseline=false"]
     atoken("run", TINY, "--out", str(out), "--no-progress", *small(3, *stages), cache=cache)
     ckpts = sorted((out / "checkpoints").glob("*.safetensors"))
@@ -223,7 +224,8 @@ def test_stage_switches_bottleneck_and_resumes_across_the_switch(tmp_path, cache
     first, _ = read_checkpoint(str(ckpts[0]))
     last, meta = read_checkpoint(str(ckpts[1]))
     assert first["model.bottleneck.proj.weight"].shape[0] == 16  # KL: mean and log-variance of 8 channels
-    assert last["model.bottleneck.proj.weight"].shape[0] == 8 and meta["state"]["stage"] == 1
+    assert last["model.bottleneck.proj.weight"].shape[0] == 12 and meta["state"]["stage"] == 1  # grown 8 -> 12
+    assert last["model.decoder_in.weight"].shape == (32, 12)
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["stage"] for r in rows] == ["image"] * 3 + ["fsq"] * 3
     assert "image/kl" in rows[0] and "image/kl" not in rows[-1]  # no KL term on FSQ latents

@@ -128,3 +128,11 @@ def test_round_trip_through_metadata(registries):
     again = recipe_from_dict(recipe_to_dict(recipe), registries)
     assert recipe_to_dict(again) == recipe_to_dict(recipe)
     assert [s.config for s in again.loss] == [s.config for s in recipe.loss]
+
+
+def test_latent_can_only_grow(registries):
+    data = copy.deepcopy(BASE)
+    data["stage"].append({"name": "s2", "steps": 1, "latent_dim": 48})
+    data["stage"].append({"name": "s3", "steps": 1, "latent_dim": 40})
+    assert problems_of(data, registries) == ["stage[2].latent_dim: 40 is smaller than the 48 before it; "
+                                             "a latent can only grow"]

@@ -151,3 +151,30 @@ def test_corrupt_or_foreign_checkpoint(tmp_path):
         read_checkpoint(str(tmp_path / "foreign.safetensors"))
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         read_checkpoint(str(tmp_path / "none.safetensors"))
+
+
+@pytest.mark.parametrize("kind, params, old, new", [("kl", {}, 8, 12), ("fsq", {"levels": [5, 4]}, 8, 12)])
+@pytest.mark.parametrize("shortcut", [False, True])
+def test_growing_the_latent_keeps_reconstructions(registries, kind, params, old, new, shortcut):
+    # The paper grows z_r from 32 to 48 channels at stage 2: the switch must not change what
+    # stage 1 reconstructs.
+    torch.manual_seed(0)
+    model = make_model(registries, kind, latent_dim=old, shortcut=shortcut, **params).eval()
+    if shortcut:  # a non-trivial shortcut, so its growth is exercised too
+        model.init_shortcut(torch.randn(48), torch.linalg.qr(torch.randn(48, old))[0].T, torch.rand(old) + 0.5)
+        torch.nn.init.normal_(model.pixel_head.weight, std=0.02)
+    tokens = Sparse4D.cat(random_tokens([5, 7]))
+    with torch.no_grad():
+        before, _ = model(tokens, sample=False)
+    component = registries["bottleneck"].get(kind)
+    model.replace_bottleneck(component.build(component.config(**params), in_dim=model.flavor.width, latent_dim=new))
+    assert model.bottleneck.latent_dim == new and model.decoder_in.in_features == new
+    with torch.no_grad():
+        after, bott = model(tokens, sample=False)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert bott.latent.shape == (12, new)
+    # the new channels are live: they get gradients and can learn
+    model.train()
+    out, _ = model(tokens)
+    (out - torch.randn_like(out)).square().sum().backward()
+    assert model.decoder_in.weight.grad[:, old:].abs().sum() > 0

@@ -81,6 +81,17 @@ class FSQBottleneck(Bottleneck):
     def encode_project(self, features: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         return self.quantize(self.project(features, offset))
 
+    @torch.no_grad()
+    def grow_from(self, old: FSQBottleneck) -> None:
+        if not torch.equal(old.levels, self.levels):
+            raise ValueError("FSQ can grow its number of groups, not change its levels")
+        self.proj.weight[: old.latent_dim].copy_(old.proj.weight)
+        self.proj.bias[: old.latent_dim].copy_(old.proj.bias)
+        # The new channels enter the decoder through zero weights; if they also all quantised to
+        # the same value neither side would get a gradient. Unit-scale projections spread them
+        # over the levels from the first step.
+        nn.init.normal_(self.proj.weight[old.latent_dim :], std=self.proj.in_features**-0.5)
+
     def zero_init_projection(self) -> None:
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)

@@ -56,6 +56,14 @@ class KLBottleneck(Bottleneck):
     def encode_project(self, features: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         return self.posterior(features, offset).mode()
 
+    @torch.no_grad()
+    def grow_from(self, old: KLBottleneck) -> None:
+        k, n = old.latent_dim, self.latent_dim
+        self.proj.weight[:k].copy_(old.proj.weight[:k])  # means
+        self.proj.bias[:k].copy_(old.proj.bias[:k])
+        self.proj.weight[n : n + k].copy_(old.proj.weight[k:])  # log-variances
+        self.proj.bias[n : n + k].copy_(old.proj.bias[k:])
+
     def zero_init_projection(self) -> None:
         with torch.no_grad():  # the mean rows only: the logvar head keeps its configured start
             self.proj.weight[: self.latent_dim].zero_()
