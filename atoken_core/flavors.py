@@ -21,6 +21,7 @@ class Flavor:
     pos_embed_grid: int | None = None
     # SigLIP2's attention-pooling head: one vector per sample for understanding tasks.
     semantic: bool = False
+    text_dim: int | None = None  # W_s output (the text tower's embedding size); None = width
     description: str = ""
 
     @property

@@ -205,6 +205,9 @@ class AToken(nn.Module):
         )
         self.encoder_norm = nn.LayerNorm(w, eps=1e-6)
         self.pool_head = AttentionPool(w, flavor.heads, flavor.mlp) if flavor.semantic else None
+        # W_s: the pooled vector into the text embedding space (identity after SigLIP2 import,
+        # whose pooled output already lives in its image-text space).
+        self.semantic_proj = nn.Linear(w, flavor.text_dim or w) if flavor.semantic else None
         self.bottleneck = bottleneck
         self.decoder_in = nn.Linear(bottleneck.latent_dim, w)
         self.decoder = nn.ModuleList(
@@ -260,6 +263,10 @@ class AToken(nn.Module):
         if self.pool_head is None:
             raise ValueError("this model's flavour has no semantic head (flavor.semantic is False)")
         return self.pool_head(features, tokens)
+
+    def semantic_embedding(self, features: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
+        """(B, text_dim): W_s applied to the pooled vector, for image-text similarity."""
+        return self.semantic_proj(self.pool(features, tokens))
 
     def decode(self, latent: Sparse4D, frames: int = 1) -> torch.Tensor:
         """Latent (L, latent_dim) -> patch pixels (L, frames*p*p*C)."""
@@ -354,7 +361,7 @@ class AToken(nn.Module):
             "decoder": count([self.decoder_in, self.decoder, self.decoder_norm, self.pixel_head]),
         }
         if self.pool_head is not None:
-            counts["semantic"] = count([self.pool_head])
+            counts["semantic"] = count([self.pool_head, self.semantic_proj])
         if self.shortcut_in is not None:
             counts["shortcut"] = count([self.shortcut_in, self.shortcut_out])
         return counts

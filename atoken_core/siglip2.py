@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 #: AToken's top-level modules (and parameters) that make up the encoder side.
-ENCODER_MODULES = ("patch_embed", "pos_embed", "encoder", "encoder_norm", "pool_head")
+ENCODER_MODULES = ("patch_embed", "pos_embed", "encoder", "encoder_norm", "pool_head", "semantic_proj")
 
 _VISION_PREFIX = "vision_model."
 # Parts of a full Siglip2Model file that belong to the text tower or the contrastive loss.
@@ -105,6 +105,9 @@ def _architecture_problems(state: dict[str, torch.Tensor], flavor: Flavor, chann
         grid = f"a {g}x{g} grid" if g * g == pos.shape[0] else "not a square grid"
         problems.append(f"position grid: the file has {pos.shape[0]} positions ({grid}), the flavour "
                         f"pos_embed_grid={flavor.pos_embed_grid} needs {flavor.pos_embed_grid**2}")
+    if flavor.semantic and (flavor.text_dim or flavor.width) != flavor.width:
+        problems.append(f"W_s: the flavour's text_dim {flavor.text_dim} differs from the width {flavor.width}, "
+                        "so it cannot start as SigLIP2's identity")
     if not flavor.semantic and any(k.startswith("head.") for k in state):
         problems.append("pooling head: the file has one (head.*) but the flavour has none (semantic is False)")
     return problems
@@ -214,6 +217,9 @@ def convert_siglip2_state(
     dtype = out["patch_embed.weight"].dtype
     for i in range(flavor.depth):
         out[f"encoder.{i}.attn.rope_gate"] = torch.zeros((), dtype=dtype)
+    if flavor.semantic:  # W_s starts as the identity: SigLIP2's pooled output is already text-aligned
+        out["semantic_proj.weight"] = torch.eye(flavor.width, dtype=dtype)
+        out["semantic_proj.bias"] = torch.zeros(flavor.width, dtype=dtype)
     return {k: v.contiguous() for k, v in out.items()}
 
 

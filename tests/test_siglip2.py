@@ -88,6 +88,8 @@ def run_both(hf, ours, imgs):
         ref = hf(**hf_inputs([p.features for p in parts], grids))
         feats = ours.encode(tokens.patches)
         pooled = ours.pool(feats, tokens.patches)
+        # W_s starts as the identity, so the text-space embedding is SigLIP2's pooled output too
+        torch.testing.assert_close(ours.semantic_embedding(feats, tokens.patches), pooled, atol=0, rtol=0)
     return ref, feats, pooled, [p.num_tokens for p in parts]
 
 
