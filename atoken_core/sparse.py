@@ -50,6 +50,15 @@ class Sparse4D:
             cu,
         )
 
+    @classmethod
+    def pack(cls, samples: Sequence[Sparse4D]) -> Sparse4D:
+        """Like :meth:`cat`, for samples whose feature widths differ (an image token holds one
+        frame, a video token ``t``): narrower features are zero-padded on the right. For patch
+        pixels this is exact: a linear patch embedding gives zero-filled frames zero weight."""
+        width = max(s.features.shape[1] for s in samples)
+        return cls.cat([s.with_features(torch.nn.functional.pad(s.features, (0, width - s.features.shape[1])))
+                        for s in samples])
+
     @property
     def lengths(self) -> torch.Tensor:
         return self.cu_seqlens[1:] - self.cu_seqlens[:-1]

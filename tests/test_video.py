@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from atoken_core.interfaces import PatchSpec
+from atoken_core.sparse import Sparse4D
 from atoken_modalities.image import ImageConfig
 from atoken_modalities.image_impl import ImageModality
 from atoken_modalities.photos_impl import resolve_package_path
@@ -204,3 +205,28 @@ def test_truncated_mid_stream_is_not_a_raw_av_error(tmp_path):
         assert str(path) in str(err)
     else:
         assert frames.ndim == 4 and frames.shape[0] >= 1
+
+
+def test_images_and_videos_pack_into_one_batch(registries):
+    # One packed batch of two images and a video: each sample's encoding and reconstruction is
+    # what it gets alone (no cross-sample attention, zero-padded frames contribute nothing).
+    torch.manual_seed(0)
+    model = make_model(registries).eval()
+    spec = model.spec
+    with torch.no_grad():
+        torch.nn.init.normal_(model.patch_embed.weight, std=0.05)  # a trained model's temporal weights are not zero
+    image_mod, video_mod = ImageModality(ImageConfig()), VideoModality(VideoConfig())
+    img_a, img_b = torch.rand(3, 12, 20) * 2 - 1, torch.rand(3, 8, 8) * 2 - 1
+    video = torch.rand(3, 3, 8, 12) * 2 - 1
+    parts = [image_mod.patchify([img_a], spec).patches, video_mod.patchify([video], spec).patches,
+             image_mod.patchify([img_b], spec).patches]
+    packed = Sparse4D.pack(parts)
+    with torch.no_grad():
+        together = model.encode(packed).split(packed.lengths.tolist())
+        alone = [model.encode(p) for p in parts]
+        recon_together = model(packed, sample=False)[0].split(packed.lengths.tolist())
+        recon_alone = [model(p, sample=False)[0] for p in parts]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(recon_together, recon_alone):
+        torch.testing.assert_close(a[:, : b.shape[1]], b, atol=1e-5, rtol=1e-5)
