@@ -74,6 +74,9 @@ def packed_attention(q_lhd: torch.Tensor, k_lhd: torch.Tensor, v_lhd: torch.Tens
     return out
 
 
+KV = tuple[torch.Tensor, torch.Tensor]  # cached (keys, values) of one layer, each (L, heads, head_dim)
+
+
 class Attention(nn.Module):
     """Self-attention with 4D RoPE on queries and keys.
 
@@ -97,11 +100,21 @@ class Attention(nn.Module):
             return rotated
         return x_lhd + self.rope_gate.to(x_lhd.dtype) * (rotated - x_lhd)
 
-    def forward(self, x_ld: torch.Tensor, tokens: Sparse4D, angles: torch.Tensor) -> torch.Tensor:
+    def qkv_rotated(self, x_ld: torch.Tensor, angles: torch.Tensor) -> tuple[torch.Tensor, ...]:
         q, k, v = rearrange(self.qkv(x_ld), "l (three h d) -> three l h d", three=3, h=self.heads)
-        q, k = self.rotate(q, angles), self.rotate(k, angles)
-        out = packed_attention(q, k, v, tokens)
+        return self.rotate(q, angles), self.rotate(k, angles), v
+
+    def forward(self, x_ld: torch.Tensor, tokens: Sparse4D, angles: torch.Tensor) -> torch.Tensor:
+        out = packed_attention(*self.qkv_rotated(x_ld, angles), tokens)
         return self.proj(rearrange(out, "l h d -> l (h d)"))
+
+    def forward_cached(self, x_ld: torch.Tensor, angles: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        """One temporal tile of one sample: its tokens attend to themselves and to the cached
+        (already rotated) keys and values of the previous tile. Returns this tile's to cache."""
+        q, k, v = self.qkv_rotated(x_ld, angles)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k]), torch.cat([past[1], v]))
+        out = F.scaled_dot_product_attention(*(rearrange(t, "l h d -> 1 h l d") for t in (q, keys, values)))
+        return self.proj(rearrange(out, "1 h l d -> l (h d)")), (k, v)
 
 
 class Block(nn.Module):
@@ -116,10 +129,10 @@ class Block(nn.Module):
         x_ld = x_ld + self.attn(self.norm1(x_ld), tokens, angles)
         return x_ld + self.mlp(self.norm2(x_ld))
 
-    def zero_residual_branches(self) -> None:
-        for layer in (self.attn.proj, self.mlp[2]):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+    def forward_cached(self, x_ld: torch.Tensor, angles: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        h_ld, kv = self.attn.forward_cached(self.norm1(x_ld), angles, past)
+        x_ld = x_ld + h_ld
+        return x_ld + self.mlp(self.norm2(x_ld)), kv
 
 
 class PatchEmbed(nn.Module):
@@ -248,15 +261,54 @@ class AToken(nn.Module):
             out[a:b] = resized[rows, cols][y_l[a:b], x_l[a:b]]
         return out
 
-    def encode(self, patches: Sparse4D) -> torch.Tensor:
-        """Patch pixels (L, frames*p*p*C) -> encoder features (L, width)."""
-        angles = self.rope.angles(patches.coords)
+    def embed(self, patches: Sparse4D) -> torch.Tensor:
         x_ld = self.patch_embed(patches.features)
         if self.pos_embed is not None:
             x_ld = x_ld + self.position_embeddings(patches)
+        return x_ld
+
+    def encode(self, patches: Sparse4D) -> torch.Tensor:
+        """Patch pixels (L, frames*p*p*C) -> encoder features (L, width)."""
+        angles = self.rope.angles(patches.coords)
+        x_ld = self.embed(patches)
         for block in self.encoder:
             x_ld = block(x_ld, patches, angles)
         return self.encoder_norm(x_ld)
+
+    def _run_tiled(self, blocks: nn.ModuleList, first: Any, norm: nn.Module, tokens: Sparse4D,
+                   tile_blocks: int) -> torch.Tensor:
+        """Run ``blocks`` over one sample in temporal tiles of ``tile_blocks`` temporal blocks;
+        each tile attends to itself and the previous tile through a per-layer KV cache, so
+        memory and per-tile work stay flat however long the video is."""
+        if tokens.batch_size != 1:
+            raise ValueError("temporal tiling runs on one sample at a time")
+        if tile_blocks < 1:
+            raise ValueError(f"tile_blocks must be >= 1, got {tile_blocks}")
+        tile_l = tokens.coords[:, 0] // tile_blocks
+        if bool((tile_l[1:] < tile_l[:-1]).any()):
+            raise ValueError("temporal tiling needs tokens ordered by time (as the video modality emits them)")
+        bounds = torch.searchsorted(tile_l, torch.arange(int(tile_l.max()) + 2, device=tile_l.device)).tolist()
+        cache: list[KV | None] = [None] * len(blocks)
+        outs = []
+        for a, b in itertools.pairwise(bounds):
+            part = Sparse4D.single(tokens.features[a:b], tokens.coords[a:b])
+            angles = self.rope.angles(part.coords)
+            x_ld = first(part)
+            for i, block in enumerate(blocks):
+                x_ld, cache[i] = block.forward_cached(x_ld, angles, cache[i])
+            outs.append(norm(x_ld))
+        return torch.cat(outs)
+
+    def encode_tiled(self, patches: Sparse4D, tile_blocks: int) -> torch.Tensor:
+        """:meth:`encode` of one long video in temporal tiles (see :meth:`_run_tiled`). Equal to
+        :meth:`encode` when the video fits in one tile."""
+        return self._run_tiled(self.encoder, self.embed, self.encoder_norm, patches, tile_blocks)
+
+    def decode_tiled(self, latent: Sparse4D, tile_blocks: int, frames: int = 1) -> torch.Tensor:
+        """:meth:`decode` of one long video in temporal tiles."""
+        x_ld = self._run_tiled(self.decoder, lambda part: self.decoder_in(part.features), self.decoder_norm,
+                               latent, tile_blocks)
+        return self._to_pixels(x_ld, latent.features, frames)
 
     def pool(self, features: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
         """Encoder features (L, width) of a packed batch -> (B, width) semantic vectors."""
@@ -274,9 +326,12 @@ class AToken(nn.Module):
         x_ld = self.decoder_in(latent.features)
         for block in self.decoder:
             x_ld = block(x_ld, latent, angles)
-        out = self.pixel_head(self.decoder_norm(x_ld))
+        return self._to_pixels(self.decoder_norm(x_ld), latent.features, frames)
+
+    def _to_pixels(self, x_ld: torch.Tensor, latent_ld: torch.Tensor, frames: int) -> torch.Tensor:
+        out = self.pixel_head(x_ld)
         if self.shortcut_out is not None:
-            out = out + self.shortcut_out(latent.features)
+            out = out + self.shortcut_out(latent_ld)
         return out[:, : frames * self.spec.frame_dim]
 
     def latent_offset(self, patches: Sparse4D) -> torch.Tensor | None:
