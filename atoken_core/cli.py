@@ -255,9 +255,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from atoken_core.train import TrainingError
     from atoken_losses.vgg16_weights import WeightsError
     from atoken_modalities.image_impl import ImageError
+    from atoken_modalities.video_impl import VideoError
 
     return (ConfigError, RegistryError, PluginLoadError, CheckpointError, TrainingError, WeightsError, ImageError,
-            FileNotFoundError)
+            VideoError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

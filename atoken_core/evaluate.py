@@ -23,6 +23,9 @@ def to_unit_hwc(x_chw: torch.Tensor) -> np.ndarray:
 
 
 def image_metrics(original: torch.Tensor, recon: torch.Tensor) -> dict[str, float]:
+    """PSNR and SSIM of an image (C, H, W), or the per-frame mean of a video (T, C, H, W)."""
+    if original.ndim == 4:
+        return mean_metrics([image_metrics(a, b) for a, b in zip(original, recon)])
     a, b = to_unit_hwc(original), to_unit_hwc(recon)
     return {
         "psnr": float(peak_signal_noise_ratio(a, b, data_range=1.0)),

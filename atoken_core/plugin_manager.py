@@ -28,6 +28,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("image", "atoken_modalities.image"),
     ("video", "atoken_modalities.video"),
     ("photos", "atoken_modalities.photos"),
+    ("clips", "atoken_modalities.clips"),
     ("bottlenecks", "atoken_bottlenecks"),
     ("losses", "atoken_losses"),
     ("curricula", "atoken_core.curricula"),

@@ -214,10 +214,13 @@ class Run:
             recons = self._last_recons[name]
             rows = []
             for i, (label, x) in enumerate(samples):
-                row = [(f"{label} original", x), (f"atoken step {step}", recons[i])]
+                cells = [(f"{label} original", x), (f"atoken step {step}", recons[i])]
                 if getattr(self, "_pca_recons", None):
-                    row.append((f"PCA-{self.plans[-1].latent_dim}", self._pca_recons[name][i]))
-                rows.append(row)
+                    cells.append((f"PCA-{self.plans[-1].latent_dim}", self._pca_recons[name][i]))
+                if x.ndim == 4:  # a video: one row for its first frame, one for its last
+                    rows += [[(f"{lab} frame {t}", v[t]) for lab, v in cells] for t in (0, x.shape[0] - 1)]
+                else:
+                    rows.append(cells)
             path = f"{self.out_path}/recon/{name}-step-{step:06d}.png"
             save_grid(rows, self._url(path))
             paths.append(path)

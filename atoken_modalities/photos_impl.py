@@ -12,7 +12,7 @@ import torch
 
 from atoken_core.imaging import resize_within
 from atoken_core.interfaces import DataSource
-from atoken_modalities.image_impl import ImageError, image_to_tensor, load_image
+from atoken_modalities.image_impl import ImageError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +32,12 @@ def resolve_package_path(uri: str) -> str:
 
 
 def video_frames(path: str, count: int) -> list[torch.Tensor]:
-    """``count`` evenly spaced RGB frames of a video file, decoded with PyAV."""
-    import av
+    """``count`` evenly spaced frames of a video file, each a (3, H, W) training image."""
+    from atoken_modalities.video_impl import load_video
 
-    try:
-        with av.open(path) as container:
-            frames = [f.to_image() for f in container.decode(video=0)]
-    except (av.error.FFmpegError, OSError) as err:
-        raise ImageError(f"{path}: cannot decode video: {err}") from None
-    if not frames:
-        raise ImageError(f"{path}: video has no frames")
-    idx = torch.linspace(0, len(frames) - 1, min(count, len(frames))).round().long().unique().tolist()
-    return [image_to_tensor(frames[i], f"{path}#frame{i}") for i in idx]
+    clip = load_video(path)
+    idx = torch.linspace(0, clip.shape[0] - 1, min(count, clip.shape[0])).round().long().unique()
+    return list(clip[idx])
 
 
 class CropSource(DataSource):

@@ -237,3 +237,24 @@ def test_stage_switches_bottleneck_and_latent_and_resumes_across_the_switch(tmp_
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
 
     assert without_time(read_metrics(out / "metrics.jsonl")) == without_time(rows)
+
+
+def test_image_and_video_curriculum_end_to_end(tmp_path, cache):
+    # recipes/tiny-video.toml shrunk: stage 1 images, stage 2 images + video with the latent grown
+    out = tmp_path / "tv"
+    video_recipe = str(ROOT / "recipes" / "tiny-video.toml")
+    sets = ["model.flavor=test", "model.latent_dim=8", "stage[1].latent_dim=12", "data.image.crop=32",
+            "data.video.crop=16", "data.video.frames=4", "data.video.max_side=64", "data.video.max_frames=12",
+            "data.video.eval_frames=4", "eval.max_side=48", "stage[0].steps=2", "stage[1].steps=2",
+            "stage[0].batch_size=2", "stage[1].batch_size=2", "log.every=1"]
+    atoken("run", video_recipe, "--out", str(out), "--no-progress", *[a for s in sets for a in ("--set", s)],
+           cache=cache)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["stage"] for r in rows] == ["image", "image", "image+video", "image+video"]
+    assert "video/l1" in rows[-1] and "video/lpips" not in rows[-1]  # perceptual losses are image-only here
+    report = json.loads((out / "eval.json").read_text())
+    assert set(report["final"]) == {"image", "video"}
+    assert report["pca_baseline"]["video"]["components"] == 12
+    assert {p.name for p in (out / "recon").glob("*.png")} == {"image-step-000004.png", "video-step-000004.png"}
+    _, meta = read_checkpoint(str(out / "checkpoints" / "step-000004.safetensors"))
+    assert meta["state"]["stage"] == 1
