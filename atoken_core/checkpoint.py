@@ -11,12 +11,10 @@ import json
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from atoken_core import __version__
-from atoken_core.io import atomic_write_bytes, read_bytes
+from atoken_core.io import atomic_write_bytes, read_safetensors
 
 FORMAT = "atoken-checkpoint-v1"
 
@@ -58,15 +56,11 @@ def save_checkpoint(
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """-> (tensors, metadata with 'recipe' and 'state' decoded)."""
     try:
-        data = read_bytes(path)
+        tensors, raw = read_safetensors(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
-    try:
-        tensors = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        raw = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     if raw.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an atoken checkpoint (metadata format={raw.get('format')!r})")
     meta = dict(raw)

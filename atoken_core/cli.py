@@ -131,16 +131,15 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
     from atoken_core.build import build_modality
     from atoken_core.checkpoint import CheckpointError
-    from atoken_core.io import read_bytes
+    from atoken_core.io import read_safetensors
     from atoken_core.sparse import Sparse4D
     from atoken_modalities.image_impl import save_image
 
     model, recipe, registries, _ = _load_model(args.ckpt)
-    from safetensors.torch import load as st_load
-
-    data = read_bytes(args.tokens)
-    tensors = st_load(data)
-    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
+    try:
+        tensors, header = read_safetensors(args.tokens)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     if header.get("format") != "atoken-tokens-v1":
         raise CheckpointError(f"{args.tokens}: not an atoken tokens file")
     if "codes" in tensors:

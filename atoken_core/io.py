@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -45,3 +46,18 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def read_bytes(path: str) -> bytes:
     with fsspec.open(path, "rb") as f:
         return f.read()
+
+
+def read_safetensors(path: str) -> tuple[dict, dict[str, str]]:
+    """(tensors, string metadata) of a safetensors file at any fsspec path. A missing file raises
+    FileNotFoundError; anything that is not valid safetensors raises ValueError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    data = read_bytes(path)
+    try:
+        tensors = load(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    return tensors, header.get("__metadata__") or {}

@@ -21,12 +21,10 @@ import math
 from collections.abc import Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 
 from atoken_core.checkpoint import CheckpointError
 from atoken_core.flavors import Flavor
-from atoken_core.io import read_bytes
+from atoken_core.io import read_safetensors
 
 __all__ = [
     "ENCODER_MODULES", "SigLIP2ImportError", "convert_siglip2_state", "encoder_state_dict", "import_siglip2",
@@ -51,13 +49,11 @@ def load_siglip2_vision_state(path: str) -> dict[str, torch.Tensor]:
     """The vision tower's tensors from a SigLIP2 safetensors file (vision-only or full model),
     keyed as in ``Siglip2VisionModel`` (no ``vision_model.`` prefix). Read through fsspec."""
     try:
-        data = read_bytes(path)
+        tensors, _ = read_safetensors(path)
     except FileNotFoundError:
         raise SigLIP2ImportError(f"{path}: SigLIP2 weights not found") from None
-    try:
-        tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise SigLIP2ImportError(f"{path}: not a readable safetensors file ({err})") from None
+    except ValueError as err:
+        raise SigLIP2ImportError(str(err)) from None
     state = {}
     for key, value in tensors.items():
         if key.startswith(_NOT_VISION) or key in _NOT_VISION_KEYS:

