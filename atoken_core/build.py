@@ -29,3 +29,17 @@ def build_modality(recipe: Recipe, registries: Registries, name: str) -> Any:
 
 def build_component(spec: ComponentSpec, kind: str, registries: Registries, **kwargs: Any) -> Any:
     return registries[kind].get(spec.kind).build(spec.config, **kwargs)
+
+
+def model_from_checkpoint(path: str, registries: Registries) -> tuple[AToken, Recipe, dict[str, Any]]:
+    """Rebuild a checkpoint's model from the recipe stored in its metadata (at the stage it was
+    saved in), load its weights strictly, and return (model in eval mode, recipe, metadata)."""
+    from atoken_core.checkpoint import load_model_state, read_checkpoint
+    from atoken_core.recipe import recipe_from_dict
+
+    tensors, meta = read_checkpoint(path)
+    recipe = recipe_from_dict(meta["recipe"], registries, f"{path} (recipe in metadata)")
+    plan = build_component(recipe.curriculum, "curriculum", registries).stages(recipe)[int(meta["state"].get("stage", 0))]
+    model = build_model(recipe, registries, plan.bottleneck, plan.latent_dim)
+    load_model_state(model, tensors, path)
+    return model.eval(), recipe, meta

@@ -77,20 +77,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _load_model(ckpt: str):
-    from atoken_core.build import build_model
-    from atoken_core.checkpoint import load_model_state, read_checkpoint
-    from atoken_core.recipe import recipe_from_dict
+    from atoken_core.build import model_from_checkpoint
 
     registries = _registries()
-    tensors, meta = read_checkpoint(ckpt)
-    recipe = recipe_from_dict(meta["recipe"], registries, f"{ckpt} (recipe in metadata)")
-    stage = int(meta["state"].get("stage", 0))
-    from atoken_core.build import build_component
-
-    plan = build_component(recipe.curriculum, "curriculum", registries).stages(recipe)[stage]
-    model = build_model(recipe, registries, plan.bottleneck, plan.latent_dim)
-    load_model_state(model, tensors, ckpt)
-    model.eval()
+    model, recipe, meta = model_from_checkpoint(ckpt, registries)
     return model, recipe, registries, meta
 
 
@@ -194,6 +184,17 @@ def cmd_import_siglip2(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from atoken_core.eval_run import run_eval
+
+    report = run_eval(args.ckpt, args.data, args.out, _registries(), metrics=args.metrics.split(","),
+                      max_side=args.max_side, lpips_weights=args.lpips_weights,
+                      inception_weights=args.inception_weights, progress=not args.no_progress)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items() if isinstance(v, float))
+    print(f"{args.data}: {report['n_samples']} images ({report['n_skipped']} skipped): {shown} -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atoken", description="A unified tokenizer for images, videos and 3D assets.")
     parser.add_argument("--version", action="version", version=f"atoken {__version__}")
@@ -221,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list every registered component and its plugin")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("eval", help="reconstruction metrics of a checkpoint on a folder of images")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True, help="folder of images (fsspec path or URI)")
+    p.add_argument("--out", required=True, help="folder for eval.json, report.md and grid.png")
+    p.add_argument("--metrics", default="psnr,ssim,lpips", help="comma-separated: psnr, ssim, lpips, rfid, codebook")
+    p.add_argument("--max-side", type=int, default=512, help="downscale so the longer side is at most this")
+    p.add_argument("--lpips-weights", default="auto", help="VGG16 weights for LPIPS (default: converted cache)")
+    p.add_argument("--inception-weights", help="safetensors of torchvision's inception_v3 state dict (for rfid)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("encode", help="image file -> tokens (.safetensors)")
     p.add_argument("--ckpt", required=True)
@@ -251,13 +263,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from atoken_core.config import ConfigError
     from atoken_core.plugin_manager import PluginLoadError
     from atoken_core.registry import RegistryError
+    from atoken_core.eval_run import EvalError
     from atoken_core.train import TrainingError
     from atoken_losses.vgg16_weights import WeightsError
     from atoken_modalities.image_impl import ImageError
     from atoken_modalities.video_impl import VideoError
 
     return (ConfigError, RegistryError, PluginLoadError, CheckpointError, TrainingError, WeightsError, ImageError,
-            VideoError, FileNotFoundError)
+            VideoError, EvalError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -92,7 +92,7 @@ class PackagedPhotos(CropSource):
         super().__init__(train, evals, config.crop)
 
 
-def _list_images(root: str, extensions: list[str]) -> list[str]:
+def list_images(root: str, extensions: list[str]) -> list[str]:
     fs, path = fsspec.core.url_to_fs(root)
     if not fs.exists(path):
         raise ImageError(f"{root}: folder not found")
@@ -105,13 +105,13 @@ def _list_images(root: str, extensions: list[str]) -> list[str]:
 class ImageFolder(CropSource):
     def __init__(self, config: Any) -> None:
         train, skipped = [], []
-        for path in _list_images(config.root, config.extensions):
+        for path in list_images(config.root, config.extensions):
             try:
                 train.append(load_image(path))
             except ImageError as err:
                 skipped.append(str(err))
         evals = []
-        for path in _list_images(config.eval_root, config.extensions):
+        for path in list_images(config.eval_root, config.extensions):
             try:
                 evals.append((basename(path), load_image(path)))
             except ImageError as err:
