@@ -74,6 +74,8 @@ class OptimConfig:
     warmup_steps: int = doc("linear warm-up steps at the start of each stage", default=0)
     min_lr_ratio: float = doc("cosine schedule floor as a fraction of lr", default=0.1)
     grad_clip: float = doc("max global gradient norm (0 disables)", default=1.0)
+    encoder_lr_scale: float = doc("learning-rate multiplier for the encoder (the paper: 0.1 for a pretrained "
+                                  "SigLIP2 encoder)", default=1.0)
 
 
 @attrs.define(kw_only=True)

@@ -73,11 +73,20 @@ class Run:
 
     # ------------------------------------------------------------------ setup
     def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with four groups: (encoder | rest) x (decayed matrices | undecayed vectors). The
+        encoder's learning rate is scaled by optim.encoder_lr_scale (the paper: 0.1x for the
+        pretrained SigLIP2 encoder)."""
+        from atoken_core.siglip2 import ENCODER_MODULES
+
         o = self.recipe.optim
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and p.requires_grad]
-        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2 and p.requires_grad]
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault((name.split(".", 1)[0] in ENCODER_MODULES, p.ndim >= 2), []).append(p)
         return torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
+              "lr_scale": o.encoder_lr_scale if encoder else 1.0}
+             for (encoder, decay), params in sorted(groups.items())],
             lr=o.lr, betas=tuple(o.betas),
         )
 
@@ -133,7 +142,7 @@ class Run:
         plan, in_stage = self.stage_at(step)
         lr = lr_at(in_stage, plan, self.recipe)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         gen = step_generator(self.recipe.seed, step)
         schedule = self.curriculum.modality_schedule(plan, step)
         self.optimizer.zero_grad(set_to_none=True)

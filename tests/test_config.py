@@ -136,3 +136,20 @@ def test_latent_can_only_grow(registries):
     data["stage"].append({"name": "s3", "steps": 1, "latent_dim": 40})
     assert problems_of(data, registries) == ["stage[2].latent_dim: 40 is smaller than the 48 before it; "
                                              "a latent can only grow"]
+
+
+def test_encoder_learning_rate_scale(registries, tmp_path):
+    from atoken_core.train import Run
+
+    recipe = load_recipe(str(ROOT / "recipes" / "tiny.toml"), registries, [
+        "model.flavor=\"test\"", "data.image.video_frames=0", "optim.encoder_lr_scale=0.1", "optim.lr=0.002",
+        "optim.warmup_steps=0", "data.image.train=[\"pkg://skimage/data/astronaut.png\"]"])
+    run = Run(recipe, registries, str(tmp_path / "r"), progress=False)
+    run.train_step(0)
+    encoder_ids = {id(p) for name, p in run.model.named_parameters() if name.startswith(("patch_embed", "encoder.", "encoder_norm"))}
+    for group in run.optimizer.param_groups:
+        on_encoder = {id(p) in encoder_ids for p in group["params"]}
+        assert len(on_encoder) == 1, "a group is all encoder or all not"
+        assert group["lr"] == pytest.approx(0.002 * (0.1 if on_encoder.pop() else 1.0))
+    for group in run.optimizer.param_groups:  # matrices decay, vectors (norms, biases) do not
+        assert {p.ndim >= 2 for p in group["params"]} == {group["weight_decay"] > 0}
