@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
+from _timing import median_seconds
 
 from atoken_core.build import build_component, build_modality, build_model
 from atoken_core.interfaces import LossInputs
@@ -23,14 +22,6 @@ from atoken_core.recipe import load_recipe
 from atoken_core.train import step_generator
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -56,8 +47,8 @@ def main() -> None:
         total.backward()
         model.zero_grad(set_to_none=True)
 
-    l1 = timed(lambda: step({"l1", "kl"}), args.steps)
-    full = timed(lambda: step({"l1", "kl", "lpips", "gram"}), args.steps)
+    l1 = median_seconds(lambda: step({"l1", "kl"}), args.steps)
+    full = median_seconds(lambda: step({"l1", "kl", "lpips", "gram"}), args.steps)
     crop = samples[0].shape[-1]
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
@@ -71,7 +62,7 @@ def main() -> None:
         x = torch.rand(3, side, side) * 2 - 1
         tokens = modality.patchify([x], model.spec)
         with torch.no_grad():
-            sec = timed(lambda t=tokens: model.bottleneck.encode_project(model.encode(t.patches)), 3)
+            sec = median_seconds(lambda t=tokens: model.bottleneck.encode_project(model.encode(t.patches)), 3)
         n = tokens.patches.num_tokens
         print(f"| {side}x{side} | {n} | {sec:.3f} | {n / sec:,.0f} |")
 

@@ -10,10 +10,9 @@ Prints seconds and the ratios packed / sum-of-singles and packed / padded.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_seconds
 
 from atoken_core.flavors import FLAVORS
 from atoken_core.model import AToken
@@ -24,14 +23,6 @@ from atoken_modalities.image_impl import ImageModality
 SIDES = [(64, 64), (128, 96), (256, 256), (96, 512), (512, 384)]
 
 
-def median_seconds(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -10,10 +10,9 @@ Prints seconds per batch and images/s for both, and the ratio ours / theirs (tim
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_seconds
 
 from atoken_core.flavors import FLAVORS
 from atoken_core.model import AToken
@@ -22,14 +21,6 @@ from atoken_modalities.image import ImageConfig
 from atoken_modalities.image_impl import ImageModality
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def sd_vae():
@@ -70,8 +61,8 @@ def main() -> None:
             tokens = modality.patchify(list(x), model.spec).patches
             with torch.no_grad():
                 latent = tokens.with_features(model.encode_latent(tokens))
-                enc = median_seconds(lambda t=tokens: model.encode_latent(t), args.repeats)
-                dec = median_seconds(lambda z=latent: model.decode(z), args.repeats)
+                enc = median_seconds(lambda t=tokens, m=model: m.encode_latent(t), args.repeats)
+                dec = median_seconds(lambda z=latent, m=model: m.decode(z), args.repeats)
             print(f"| atoken {name} | {side} | {enc:.3f} | {dec:.3f} | {args.batch / (enc + dec):.2f} | "
                   f"{(enc + dec) / ref:.2f} |")
 
