@@ -41,16 +41,20 @@ def test_dry_run_counts_params_without_building_weights(registries):
 
 
 def test_dry_run_cli_so400m_allocates_nothing():
-    # 846M parameters would take 3 GiB in fp32: the dry run must stay far below that.
+    # 847M parameters would take 3.2 GiB in fp32. Measured as growth of the peak resident set
+    # over a tiny dry run in the same process, so library loading does not count.
     code = (
         "import resource, sys\n"
         "from atoken_core.cli import main\n"
+        "def peak():\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        f"assert main(['run', {TINY!r}, '--dry-run']) == 0\n"
+        "before = peak()\n"
         f"rc = main(['run', {TINY!r}, '--dry-run', '--set', 'model.flavor=\"so400m\"'])\n"
-        "peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "print('PEAK', peak_mib)\n"
+        "print('GROWTH', peak() - before)\n"
         "sys.exit(rc)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "flavor so400m: 846,993,291 parameters" in proc.stdout
-    peak = float(proc.stdout.split("PEAK")[1])
-    assert peak < 1500, f"dry run used {peak:.0f} MiB"
+    growth = float(proc.stdout.split("GROWTH")[1])
+    assert growth < 300, f"the so400m dry run grew the process by {growth:.0f} MiB"
