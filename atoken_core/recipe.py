@@ -182,16 +182,16 @@ def _check_component(spec: ComponentSpec, kind: str, path: str, registries: Regi
         problems.extend(err.problems)
 
 
-def _check_loss_fields(spec: LossSpec, path: str, problems: list[str]) -> None:
-    # The generic loss fields arrive raw from the component hook; check their types here.
-    if isinstance(spec.weight, bool) or not isinstance(spec.weight, (int, float)):
-        problems.append(f"{path}.weight: expected float, got {spec.weight!r}")
-    else:
-        spec.weight = float(spec.weight)
-    if spec.modalities is not None and (
-        not isinstance(spec.modalities, list) or not all(isinstance(m, str) for m in spec.modalities)
-    ):
-        problems.append(f"{path}.modalities: expected list[str], got {spec.modalities!r}")
+def _check_own_fields(spec: ComponentSpec, path: str, problems: list[str]) -> None:
+    """The generic fields of a component table (a loss's weight, modalities) arrive raw from the
+    component hook; structure them with the same strict converter as the rest of the recipe."""
+    for field in attrs.fields(attrs.resolve_types(type(spec))):
+        if field.name in ("kind", "params", "config"):
+            continue
+        try:
+            setattr(spec, field.name, structure(getattr(spec, field.name), field.type, f"{path}.{field.name}"))
+        except ConfigError as err:
+            problems.extend(err.problems)
 
 
 def validate(recipe: Recipe, registries: Registries) -> Recipe:
@@ -199,7 +199,7 @@ def validate(recipe: Recipe, registries: Registries) -> Recipe:
     problems: list[str] = []
     _check_component(recipe.bottleneck, "bottleneck", "bottleneck", registries, problems)
     for i, spec in enumerate(recipe.loss):
-        _check_loss_fields(spec, f"loss[{i}]", problems)
+        _check_own_fields(spec, f"loss[{i}]", problems)
         _check_component(spec, "loss", f"loss[{i}]", registries, problems)
     _check_component(recipe.curriculum, "curriculum", "curriculum", registries, problems)
     used = sorted({m for st in recipe.stage for m in st.modalities})

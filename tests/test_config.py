@@ -153,3 +153,11 @@ def test_encoder_learning_rate_scale(registries, tmp_path):
         assert group["lr"] == pytest.approx(0.002 * (0.1 if on_encoder.pop() else 1.0))
     for group in run.optimizer.param_groups:  # matrices decay, vectors (norms, biases) do not
         assert {p.ndim >= 2 for p in group["params"]} == {group["weight_decay"] > 0}
+
+
+def test_generic_loss_fields_are_checked_like_the_rest(registries):
+    assert problems_of(edited(loss__0__weight='"x"'), registries) == ["loss[0].weight: expected float, got 'x'"]
+    assert problems_of(edited(loss__1__modalities='"image"'), registries) == [
+        "loss[1].modalities: expected list[str], got 'image'"]
+    assert problems_of(edited(loss__1__modalities='["image", 3]'), registries) == [
+        "loss[1].modalities[1]: expected str, got 3"]
