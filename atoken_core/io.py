@@ -18,6 +18,13 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def url_of(fs, path: str) -> str:
+    """A path inside ``fs`` as something ``fsspec.open`` reaches again: plain for local files (so
+    messages show ordinary paths), ``protocol://path`` otherwise."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return path if protocol == "file" else f"{protocol}://{path}"
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one,
     never a partial one: write a temporary sibling, flush it to disk, then rename."""

@@ -24,6 +24,7 @@ from atoken_core.checkpoint import (
 )
 from atoken_core.evaluate import SSIM_SETTINGS, PCABaseline, evaluate_images, image_metrics, mean_metrics, save_grid
 from atoken_core.imaging import resize_within
+from atoken_core.io import url_of
 from atoken_core.interfaces import LossInputs, StagePlan
 from atoken_core.recipe import Recipe, recipe_to_dict
 from atoken_core.registry import Registries
@@ -70,6 +71,7 @@ class Run:
         self.recipe_dict = recipe_to_dict(recipe)
         self._eval_cache: dict[str, list[tuple[str, torch.Tensor]]] = {}
         self._pca: dict[str, PCABaseline] = {}
+        self._pca_recons: dict[str, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ setup
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -113,8 +115,7 @@ class Run:
         return sorted(found)
 
     def _url(self, path: str) -> str:
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return path if protocol == "file" else f"{protocol}://{path}"
+        return url_of(self.fs, path)
 
     # ------------------------------------------------------------------ pieces
     def use_stage_bottleneck(self, plan: StagePlan) -> None:
@@ -205,7 +206,6 @@ class Run:
 
     def pca_baseline(self) -> dict[str, Any]:
         out = {}
-        self._pca_recons = {}
         for name in self.data:
             pca = self.pca(name)
             samples = self.eval_samples(name)
@@ -224,7 +224,7 @@ class Run:
             rows = []
             for i, (label, x) in enumerate(samples):
                 cells = [(f"{label} original", x), (f"atoken step {step}", recons[i])]
-                if getattr(self, "_pca_recons", None):
+                if name in self._pca_recons:
                     cells.append((f"PCA-{self.plans[-1].latent_dim}", self._pca_recons[name][i]))
                 if x.ndim == 4:  # a video: one row for its first frame, one for its last
                     rows += [[(f"{lab} frame {t}", v[t]) for lab, v in cells] for t in (0, x.shape[0] - 1)]

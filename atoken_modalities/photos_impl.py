@@ -11,6 +11,7 @@ import fsspec
 import torch
 
 from atoken_core.imaging import resize_within
+from atoken_core.io import url_of
 from atoken_core.interfaces import DataSource
 from atoken_modalities.image_impl import ImageError, load_image
 
@@ -98,8 +99,7 @@ def list_images(root: str, extensions: list[str]) -> list[str]:
         raise ImageError(f"{root}: folder not found")
     exts = tuple(e.lower() for e in extensions)
     files = sorted(f for f in fs.find(path) if f.lower().endswith(exts))
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return [f if protocol == "file" else f"{protocol}://{f}" for f in files]
+    return [url_of(fs, f) for f in files]
 
 
 class ImageFolder(CropSource):
