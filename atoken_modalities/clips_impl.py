@@ -7,7 +7,9 @@ from typing import Any
 import torch
 
 from atoken_core.imaging import resize_within
-from atoken_modalities.photos_impl import CropSource, basename, resolve_package_path
+import logging
+
+from atoken_modalities.photos_impl import CropSource, basename, list_images, resolve_package_path
 from atoken_modalities.video_impl import VideoError, load_video
 
 
@@ -23,4 +25,35 @@ class PackagedClips(CropSource):
         if short:
             raise VideoError(f"{short[0]}: shorter than the {config.frames} frames of a training crop")
         evals = [(basename(u), _load(u, config)[: config.eval_frames]) for u in config.eval]
+        super().__init__(train, evals, config.crop, frames=config.frames)
+
+
+log = logging.getLogger(__name__)
+
+
+class VideoFolder(CropSource):
+    """Every video in ``root`` (training crops) and ``eval_root`` (held out). Corrupt, truncated,
+    empty or too-short files are skipped, counted in ``skipped`` and logged."""
+
+    def __init__(self, config: Any) -> None:
+        self.skipped: list[str] = []
+        train = []
+        for uri in list_images(config.root, config.extensions):
+            try:
+                clip = _load(uri, config)
+            except VideoError as err:
+                self.skipped.append(str(err))
+                continue
+            if clip.shape[0] < config.frames:
+                self.skipped.append(f"{uri}: {clip.shape[0]} frames, shorter than a {config.frames}-frame crop")
+                continue
+            train.append(clip)
+        evals = []
+        for uri in list_images(config.eval_root, config.extensions):
+            try:
+                evals.append((basename(uri), _load(uri, config)[: config.eval_frames]))
+            except VideoError as err:
+                self.skipped.append(str(err))
+        if self.skipped:
+            log.warning("skipped %d unreadable video(s), first: %s", len(self.skipped), "; ".join(self.skipped[:3]))
         super().__init__(train, evals, config.crop, frames=config.frames)

@@ -102,12 +102,40 @@ class VideoModality(Modality):
         return out
 
 
+    def save_reconstruction(self, recon: Sparse4D, meta: list[dict[str, Any]], spec: PatchSpec,
+                            prefix: str) -> list[str]:
+        """The decoded clip as an H.264 .mp4 and a PNG strip of its frames."""
+        frames = self.unpatchify(recon, meta, spec)[0].clamp(-1, 1)
+        save_video_url(frames, prefix + ".mp4")
+        save_frame_strip(frames, prefix + "-frames.png")
+        return [prefix + ".mp4", prefix + "-frames.png"]
+
+
+def save_video_url(frames: torch.Tensor, url: str, fps: float = 25) -> None:
+    """:func:`save_video` to any fsspec URL (PyAV writes a local file; it is then copied in one
+    atomic write)."""
+    import tempfile
+
+    from atoken_core.io import atomic_write_bytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "video.mp4")
+        save_video(frames, local, fps=fps)
+        with open(local, "rb") as f:
+            atomic_write_bytes(url, f.read())
+
+
 def load_video(path: str, max_frames: int | None = None) -> torch.Tensor:
-    """Decode a local video file (PyAV needs a real path) into (T, 3, H, W) float in [-1, 1].
+    """Decode a video file into (T, 3, H, W) float in [-1, 1]. Local paths are read directly;
+    other fsspec URIs (s3://, memory://, ...) through a temporary local copy, since FFmpeg
+    decodes files.
 
     Reads the first ``max_frames`` frames (all when None). Every failure (missing file, not a
     video, corrupt or truncated data, no decodable frame) is a :class:`VideoError` naming the file.
     """
+    if "://" in path and not path.startswith("file://"):
+        return _load_remote_video(path, max_frames)
+    path = path.removeprefix("file://")
     import av
 
     if max_frames is not None and max_frames < 1:
@@ -132,6 +160,30 @@ def load_video(path: str, max_frames: int | None = None) -> torch.Tensor:
         raise VideoError(f"{path}: no decodable video frames")
     arr = rearrange(np.stack(frames), "t h w c -> t c h w")
     return torch.from_numpy(arr).float() / 127.5 - 1.0
+
+
+def _load_remote_video(url: str, max_frames: int | None) -> torch.Tensor:
+    """FFmpeg decodes local files: copy a remote one (s3://, memory://, ...) to a temporary file."""
+    import tempfile
+
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise VideoError(f"{url}: file not found") from None
+    except OSError as err:
+        raise VideoError(f"{url}: cannot read: {err}") from None
+    suffix = os.path.splitext(url)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "video" + suffix)
+        with open(local, "wb") as f:
+            f.write(data)
+        try:
+            return load_video(local, max_frames)
+        except VideoError as err:
+            raise VideoError(str(err).replace(local, url)) from None
 
 
 def save_video(frames: torch.Tensor, path: str, fps: float = 25, crf: int = 18) -> None:

@@ -230,3 +230,43 @@ def test_images_and_videos_pack_into_one_batch(registries):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for a, b in zip(recon_together, recon_alone):
         torch.testing.assert_close(a[:, : b.shape[1]], b, atol=1e-5, rtol=1e-5)
+
+
+def test_load_video_from_an_fsspec_uri(carphone, tmp_path):
+    import fsspec
+
+    save_video(carphone, str(tmp_path / "clip.mp4"))
+    with fsspec.open("memory://videos/clip.mp4", "wb") as f:
+        f.write((tmp_path / "clip.mp4").read_bytes())
+    torch.testing.assert_close(load_video("memory://videos/clip.mp4"), load_video(str(tmp_path / "clip.mp4")))
+    with pytest.raises(VideoError, match="memory://videos/missing.mp4: file not found"):
+        load_video("memory://videos/missing.mp4")
+
+
+def test_video_folder_skips_bad_files_and_reports_them(carphone, tmp_path):
+    from atoken_modalities.clips import VideoFolderConfig
+    from atoken_modalities.clips_impl import VideoFolder
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "eval").mkdir()
+    save_video(carphone, str(tmp_path / "train" / "a.mp4"))
+    save_video(carphone[:2], str(tmp_path / "train" / "too_short.mp4"))
+    (tmp_path / "train" / "broken.mp4").write_bytes(b"not a video")
+    save_video(carphone, str(tmp_path / "eval" / "b.mp4"))
+    source = VideoFolder(VideoFolderConfig(root=str(tmp_path / "train"), eval_root=str(tmp_path / "eval"),
+                                           frames=4, crop=32, eval_frames=3))
+    assert len(source.train) == 1 and len(source.skipped) == 2
+    assert any("broken.mp4" in s for s in source.skipped) and any("too_short.mp4" in s for s in source.skipped)
+    (name, clip), = source.eval_samples()
+    assert name == "b.mp4" and clip.shape == (3, 3, 144, 176)
+    batch = source.train_batch(2, torch.Generator().manual_seed(0))
+    assert [tuple(x.shape) for x in batch] == [(4, 3, 32, 32)] * 2
+
+
+def test_video_reconstruction_files_play_back(carphone, tmp_path):
+    mod, spec = VideoModality(VideoConfig()), PatchSpec(8, 2)
+    tokens = mod.patchify([carphone], spec)
+    written = mod.save_reconstruction(tokens.patches, tokens.meta, spec, str(tmp_path / "clip"))
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["clip.mp4", "clip-frames.png"]
+    back = load_video(str(tmp_path / "clip.mp4"))
+    assert back.shape == carphone.shape and (back - carphone).abs().mean() < 0.1
