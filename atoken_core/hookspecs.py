@@ -64,3 +64,13 @@ def atoken_datasets() -> list[Component]:
     The factory is called as ``factory(config, modality=...)`` and returns an
     :class:`atoken_core.interfaces.DataSource` of training and evaluation samples.
     """
+
+
+@hookspec
+def atoken_teachers() -> list[Component]:
+    """Return the frozen image-text teachers (e.g. SigLIP2) this plugin provides.
+
+    The factory is called as ``factory(config)`` and returns an
+    :class:`atoken_core.interfaces.Teacher`; semantic losses name one by ``teacher = "NAME"``
+    or ``"NAME:PATH"``.
+    """

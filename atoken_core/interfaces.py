@@ -59,6 +59,24 @@ class Modality(abc.ABC):
     def num_tokens(self, shape: Sequence[int], spec: PatchSpec) -> int:
         """Tokens one sample of this shape becomes (for cost estimates without data)."""
 
+    def head_dim(self, spec: PatchSpec) -> int | None:
+        """Width of this modality's own decoder output head, or None to share the pixel head
+        (images and videos decode to patch pixels; 3D decodes to Gaussian parameters)."""
+        return None
+
+    def targets(self, samples: Sequence[Any]) -> list[torch.Tensor]:
+        """What :meth:`unpatchify` of a perfect reconstruction would return for ``samples``, the
+        tensors losses and metrics compare with (the samples themselves for pixel modalities;
+        the rendered target views for 3D)."""
+        return list(samples)
+
+    def save_reconstruction(self, recon: Sparse4D, meta: list[dict[str, Any]], spec: PatchSpec,
+                            prefix: str) -> list[str]:
+        """Write one decoded sample in this modality's own file formats (a video as .mp4, a 3D
+        asset as a Gaussian-splat .ply and a turntable), at fsspec URLs starting with ``prefix``;
+        return the URLs written. Images need nothing beyond the PNG grids."""
+        return []
+
     def default_losses(self) -> list[str]:
         return ["l1"]
 
@@ -114,6 +132,11 @@ class LossInputs:
     # Shared per-step memo so losses that look at the same network features (LPIPS, Gram)
     # run that network once.
     cache: dict[str, Any] = attrs.field(factory=dict)
+    # For the semantic losses (distill, sigmoid): the student's W_s output, (B, text_dim),
+    # unnormalised (AToken.semantic_embedding), and one caption or prompt per sample (or a
+    # prompt set for distill). None where the step has none.
+    semantic: torch.Tensor | None = None
+    texts: Sequence[str] | None = None
 
 
 class Loss(nn.Module, abc.ABC):
@@ -160,3 +183,41 @@ class DataSource(abc.ABC):
     def train_pool(self) -> Iterator[torch.Tensor]:
         """Every training sample once (used to fit the PCA baseline / PCA init)."""
         raise NotImplementedError
+
+    def train_batch_texts(self, batch_size: int, generator: torch.Generator) -> tuple[list[Any], list[str] | None]:
+        """:meth:`train_batch` with one caption per sample, for sources that have captions
+        (the semantic losses read them); None when the source has none."""
+        return self.train_batch(batch_size, generator), None
+
+
+class Teacher(nn.Module, abc.ABC):
+    """A frozen image-text model the semantic losses learn from (SigLIP2 in the paper).
+
+    Its parameters never require grad and it stays in eval mode, but :meth:`encode_image` is
+    differentiable with respect to its *input* (the CLIP perceptual term back-propagates through
+    the reconstruction); call it under ``torch.no_grad()`` when no gradient is needed.
+    Logits follow SigLIP: ``logit_scale * cos(image, text) + logit_bias``.
+    """
+
+    embed_dim: int
+    #: multiplier t of cosine similarities (the exp of transformers' ``logit_scale`` parameter)
+    logit_scale: float
+    logit_bias: float
+
+    @abc.abstractmethod
+    def encode_image(self, images_bchw: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], (B, C, H, W) -> L2-normalised embeddings (B, embed_dim)."""
+
+    @abc.abstractmethod
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """N strings -> L2-normalised embeddings (N, embed_dim)."""
+
+    def freeze(self) -> Teacher:
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> Teacher:
+        # A teacher has no training mode (no dropout, no batch statistics), whatever its owner does.
+        return super().train(False)

@@ -7,8 +7,10 @@ import itertools
 import math
 from typing import Any
 
+import attrs
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -191,6 +193,13 @@ class AttentionPool(nn.Module):
         return pooled + self.mlp(self.layernorm(pooled))
 
 
+@attrs.frozen
+class ForwardOutput:
+    recon: torch.Tensor  # (L, frames*p*p*C) patch pixels, or a modality head's outputs
+    bottleneck: BottleneckOutput
+    semantic: torch.Tensor | None = None  # (B, text_dim) W_s(pool(features))
+
+
 class AToken(nn.Module):
     """Encoder -> bottleneck (owns W_r) -> decoder, over packed sparse 4D tokens.
 
@@ -206,6 +215,7 @@ class AToken(nn.Module):
         super().__init__()
         self.flavor = flavor
         self.spec = PatchSpec(flavor.patch_size, flavor.temporal_patch, channels)
+        self.activation_checkpointing = False  # set by the trainer (recipe parallel.activation_checkpointing)
         w = flavor.width
         self.rope = RoPE4D(flavor.head_dim, flavor.rope_theta)
         self.patch_embed = PatchEmbed(self.spec, w)
@@ -228,6 +238,9 @@ class AToken(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(w, eps=1e-6)
         self.pixel_head = nn.Linear(w, flavor.temporal_patch * self.spec.frame_dim)
+        # Output heads of modalities that do not decode to patch pixels (3D: Gaussian
+        # parameters), by modality name; see :meth:`add_head`.
+        self.heads = nn.ModuleDict()
         self.shortcut_in = PatchEmbed(self.spec, bottleneck.latent_dim) if shortcut else None
         self.shortcut_out = nn.Linear(bottleneck.latent_dim, flavor.temporal_patch * self.spec.frame_dim) if shortcut else None
         for name, child in self.named_children():
@@ -272,8 +285,14 @@ class AToken(nn.Module):
         angles = self.rope.angles(patches.coords)
         x_ld = self.embed(patches)
         for block in self.encoder:
-            x_ld = block(x_ld, patches, angles)
+            x_ld = self._run_block(block, x_ld, patches, angles)
         return self.encoder_norm(x_ld)
+
+    def _run_block(self, block: Block, x_ld: torch.Tensor, tokens: Sparse4D, angles: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # keep only the block's input; recompute its insides in the backward pass
+            return torch.utils.checkpoint.checkpoint(block, x_ld, tokens, angles, use_reentrant=False)
+        return block(x_ld, tokens, angles)
 
     def _run_tiled(self, blocks: nn.ModuleList, first: Any, norm: nn.Module, tokens: Sparse4D,
                    tile_blocks: int) -> torch.Tensor:
@@ -320,13 +339,27 @@ class AToken(nn.Module):
         """(B, text_dim): W_s applied to the pooled vector, for image-text similarity."""
         return self.semantic_proj(self.pool(features, tokens))
 
-    def decode(self, latent: Sparse4D, frames: int = 1) -> torch.Tensor:
-        """Latent (L, latent_dim) -> patch pixels (L, frames*p*p*C)."""
+    def add_head(self, name: str, out_dim: int) -> None:
+        """Give modality ``name`` its own linear output head on the shared decoder."""
+        if name in self.heads:
+            if self.heads[name].out_features != out_dim:
+                raise ValueError(f"head {name!r} exists with {self.heads[name].out_features} outputs, not {out_dim}")
+            return
+        head = nn.Linear(self.flavor.width, out_dim).to(self.pixel_head.weight.device, self.pixel_head.weight.dtype)
+        self._init_linear(head)
+        self.heads[name] = head
+
+    def decode(self, latent: Sparse4D, frames: int = 1, head: str | None = None) -> torch.Tensor:
+        """Latent (L, latent_dim) -> patch pixels (L, frames*p*p*C), or the outputs of the
+        modality head ``head`` (L, out_dim)."""
         angles = self.rope.angles(latent.coords)
         x_ld = self.decoder_in(latent.features)
         for block in self.decoder:
-            x_ld = block(x_ld, latent, angles)
-        return self._to_pixels(self.decoder_norm(x_ld), latent.features, frames)
+            x_ld = self._run_block(block, x_ld, latent, angles)
+        x_ld = self.decoder_norm(x_ld)
+        if head is not None:
+            return self.heads[head](x_ld)
+        return self._to_pixels(x_ld, latent.features, frames)
 
     def _to_pixels(self, x_ld: torch.Tensor, latent_ld: torch.Tensor, frames: int) -> torch.Tensor:
         out = self.pixel_head(x_ld)
@@ -341,11 +374,21 @@ class AToken(nn.Module):
         """Patch pixels -> the deterministic latent (posterior mean or quantised values)."""
         return self.bottleneck.encode_project(self.encode(patches), self.latent_offset(patches))
 
-    def forward(self, patches: Sparse4D, *, sample: bool = True) -> tuple[torch.Tensor, BottleneckOutput]:
+    def forward(self, patches: Sparse4D, *, sample: bool = True, head: str | None = None
+                ) -> tuple[torch.Tensor, BottleneckOutput]:
+        out = self.forward_all(patches, sample=sample, head=head, semantic=False)
+        return out.recon, out.bottleneck
+
+    def forward_all(self, patches: Sparse4D, *, sample: bool = True, head: str | None = None,
+                    semantic: bool = False) -> ForwardOutput:
+        """One encoding, both projections: the reconstruction (through W_r, the bottleneck and the
+        decoder) and, when ``semantic``, the W_s embedding per sample (B, text_dim)."""
         frames = patches.features.shape[1] // self.spec.frame_dim
-        bott = self.bottleneck(self.encode(patches), sample=sample, offset=self.latent_offset(patches))
-        recon = self.decode(patches.with_features(bott.latent), frames)
-        return recon, bott
+        features = self.encode(patches)
+        bott = self.bottleneck(features, sample=sample, offset=self.latent_offset(patches))
+        recon = self.decode(patches.with_features(bott.latent), frames, head)
+        sem = self.semantic_embedding(features, patches) if semantic else None
+        return ForwardOutput(recon, bott, sem)
 
     @torch.no_grad()
     def replace_bottleneck(self, new: Bottleneck) -> None:
@@ -413,7 +456,7 @@ class AToken(nn.Module):
             "encoder": count([self.patch_embed, self.encoder, self.encoder_norm])
             + (self.pos_embed.numel() if self.pos_embed is not None else 0),
             "bottleneck": count([self.bottleneck]),
-            "decoder": count([self.decoder_in, self.decoder, self.decoder_norm, self.pixel_head]),
+            "decoder": count([self.decoder_in, self.decoder, self.decoder_norm, self.pixel_head, self.heads]),
         }
         if self.pool_head is not None:
             counts["semantic"] = count([self.pool_head, self.semantic_proj])

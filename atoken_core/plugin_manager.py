@@ -29,7 +29,9 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("video", "atoken_modalities.video"),
     ("photos", "atoken_modalities.photos"),
     ("clips", "atoken_modalities.clips"),
+    ("objects", "atoken_modalities.objects"),
     ("bottlenecks", "atoken_bottlenecks"),
+    ("teachers", "atoken_teachers"),
     ("losses", "atoken_losses"),
     ("curricula", "atoken_core.curricula"),
 )

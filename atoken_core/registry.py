@@ -21,6 +21,7 @@ KINDS: dict[str, str] = {
     "loss": "atoken_losses",
     "curriculum": "atoken_curricula",
     "dataset": "atoken_datasets",
+    "teacher": "atoken_teachers",
 }
 
 

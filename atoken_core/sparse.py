@@ -82,6 +82,9 @@ class Sparse4D:
             return int(lengths[0])
         return None
 
+    def to(self, device: torch.device | str) -> Sparse4D:
+        return Sparse4D(self.features.to(device), self.coords.to(device), self.cu_seqlens.to(device))
+
     def with_features(self, features: torch.Tensor) -> Sparse4D:
         return Sparse4D(features, self.coords, self.cu_seqlens)
 

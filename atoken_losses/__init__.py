@@ -1,10 +1,15 @@
-"""First-party losses: L1, KL, LPIPS (real VGG16 weights from a local file) and Gram.
+"""First-party losses: L1, KL, LPIPS (real VGG16 weights from a local file), Gram, and the
+semantic losses that learn from a frozen teacher (distill, sigmoid, clip_perceptual).
 
-Registration only; torch code lives in :mod:`atoken_losses.pixel` and
-:mod:`atoken_losses.perceptual`.
+Registration only; torch code lives in :mod:`atoken_losses.pixel`,
+:mod:`atoken_losses.perceptual` and :mod:`atoken_losses.semantic`.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -45,6 +50,78 @@ class GramConfig:
     max_samples: int | None = attrs.field(default=None, metadata={"doc": "as for lpips"})
 
 
+def resolve_teacher(spec: str, options: Mapping[str, Any] | None = None, registries: Any = None) -> tuple[Component, Any]:
+    """``"NAME"`` or ``"NAME:PATH"`` plus the teacher's own options -> (its registry component, its
+    structured config). ``PATH`` fills the teacher config's ``path`` field. Torch-free, so recipes
+    validate it without loading anything; :func:`atoken_losses.semantic.build_teacher` builds it."""
+    from atoken_core.config import structure
+
+    if registries is None:
+        from atoken_core.plugin_manager import get_registries
+
+        registries = get_registries()
+    name, sep, path = spec.partition(":")
+    component = registries["teacher"].get(name)
+    params = dict(options or {})
+    if sep:
+        if "path" not in attrs.fields_dict(component.config):
+            raise ValueError(f"teacher {name!r} takes no path, got {spec!r}")
+        if "path" in params:
+            raise ValueError(f"teacher {spec!r}: give the path once, not also as teacher_config.path")
+        params["path"] = path
+    return component, structure(params, component.config, "teacher_config")
+
+
+def _teacher_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    from atoken_core.config import ConfigError
+    from atoken_core.registry import RegistryError
+
+    try:
+        resolve_teacher(instance.teacher, instance.teacher_config)
+    except ConfigError as err:  # the options do not fit the teacher's config
+        raise ValueError(f"'teacher_config' of teacher {instance.teacher!r}: {'; '.join(err.problems)}") from None
+    except (RegistryError, ValueError) as err:
+        raise ValueError(f"'teacher' {err}") from None
+
+
+def _teacher_field() -> Any:
+    return attrs.field(metadata={"doc": (
+        "the frozen image-text teacher: 'siglip2:PATH' (a local Hugging Face SigLIP2 directory or fsspec URI) "
+        "or 'random' (a seeded stand-in for tests and CPU demos, no meaningful semantics); see `atoken plugins`")})
+
+
+def _teacher_config_field() -> Any:
+    return attrs.field(factory=dict, validator=_teacher_ok, metadata={"doc": (
+        "the teacher's own settings, e.g. {embed_dim = 64} for random, {max_text_length = 64} for siglip2")})
+
+
+@attrs.define(kw_only=True)
+class DistillConfig:
+    teacher: str = _teacher_field()
+    teacher_config: dict[str, Any] = _teacher_config_field()
+    tau: float = attrs.field(default=2.0, validator=attrs.validators.gt(0), metadata={
+        "doc": "softmax temperature of KL(softmax(s_teacher/tau) || softmax(s_student/tau)) (the paper: 2.0)"})
+    prompts: list[str] = attrs.field(factory=list, metadata={
+        "doc": "the texts the image-text logits are taken against; empty = the step's LossInputs.texts"})
+    logit_scale: float | None = attrs.field(default=None, metadata={
+        "doc": "multiplier of cosine similarities for both logits; None = the teacher's learned one"})
+
+
+@attrs.define(kw_only=True)
+class SigmoidConfig:
+    teacher: str = _teacher_field()
+    teacher_config: dict[str, Any] = _teacher_config_field()
+    init_log_t: float = attrs.field(default=math.log(10.0), metadata={
+        "doc": "initial log temperature of the learnable t (SigLIP: t = 10)"})
+    init_bias: float = attrs.field(default=-10.0, metadata={"doc": "initial learnable bias b (SigLIP: -10)"})
+
+
+@attrs.define(kw_only=True)
+class ClipPerceptualConfig:
+    teacher: str = _teacher_field()
+    teacher_config: dict[str, Any] = _teacher_config_field()
+
+
 @hookimpl
 def atoken_losses() -> list[Component]:
     return [
@@ -55,4 +132,10 @@ def atoken_losses() -> list[Component]:
                   "LPIPS (VGG16) with the lpips package's trained linear layers"),
         Component("gram", "atoken_losses.perceptual:GramLoss", GramConfig,
                   "Gram-matrix (second-order feature statistics) loss on VGG16 feature maps"),
+        Component("distill", "atoken_losses.semantic:DistillLoss", DistillConfig,
+                  "image semantics: KL(softmax(s_teacher/tau) || softmax(s_student/tau)) of image-text logits"),
+        Component("sigmoid", "atoken_losses.semantic:SigmoidLoss", SigmoidConfig,
+                  "SigLIP's pairwise sigmoid loss of student embeddings vs the teacher's caption embeddings"),
+        Component("clip_perceptual", "atoken_losses.semantic:ClipPerceptualLoss", ClipPerceptualConfig,
+                  "1 - cos of the teacher's image embeddings of input and reconstruction (L_rec's CLIP term)"),
     ]

@@ -9,7 +9,7 @@ import torch
 from atoken_core.imaging import resize_within
 import logging
 
-from atoken_modalities.photos_impl import CropSource, basename, list_images, resolve_package_path
+from atoken_modalities.photos_impl import CropSource, basename, caption_from_name, list_images, resolve_package_path
 from atoken_modalities.video_impl import VideoError, load_video
 
 
@@ -25,7 +25,8 @@ class PackagedClips(CropSource):
         if short:
             raise VideoError(f"{short[0]}: shorter than the {config.frames} frames of a training crop")
         evals = [(basename(u), _load(u, config)[: config.eval_frames]) for u in config.eval]
-        super().__init__(train, evals, config.crop, frames=config.frames)
+        super().__init__(train, evals, config.crop, frames=config.frames,
+                         captions=[caption_from_name("a video of", u) for u in config.train])
 
 
 log = logging.getLogger(__name__)

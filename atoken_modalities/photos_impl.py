@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,10 @@ class CropSource(DataSource):
     space-time crops of ``frames`` frames of in-memory videos (T, C, H, W)."""
 
     def __init__(self, train: list[torch.Tensor], evals: list[tuple[str, torch.Tensor]], crop: int,
-                 frames: int | None = None) -> None:
+                 frames: int | None = None, captions: list[str] | None = None) -> None:
+        if captions is not None and len(captions) != len(train):
+            raise ValueError(f"{len(captions)} captions for {len(train)} training samples")
+        self.captions = captions
         if not train:
             raise ImageError("the training set is empty: no readable samples")
         if not evals:
@@ -56,9 +60,14 @@ class CropSource(DataSource):
         self.evals = evals
 
     def train_batch(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-        c, out = self.crop, []
+        return self.train_batch_texts(batch_size, generator)[0]
+
+    def train_batch_texts(self, batch_size: int, generator: torch.Generator) -> tuple[list[torch.Tensor], list[str] | None]:
+        c, out, texts = self.crop, [], []
         for _ in range(batch_size):
-            x = self.train[int(torch.randint(len(self.train), (1,), generator=generator))]
+            index = int(torch.randint(len(self.train), (1,), generator=generator))
+            x = self.train[index]
+            texts.append(self.captions[index] if self.captions is not None else "")
             if self.frames is not None:
                 start = int(torch.randint(x.shape[0] - self.frames + 1, (1,), generator=generator))
                 x = x[start : start + self.frames]
@@ -69,13 +78,20 @@ class CropSource(DataSource):
             if bool(torch.rand((), generator=generator) < 0.5):
                 x = x.flip(-1)
             out.append(x)
-        return out
+        return out, (texts if self.captions is not None else None)
 
     def eval_samples(self) -> list[tuple[str, torch.Tensor]]:
         return self.evals
 
     def train_pool(self):
         return iter(self.train)
+
+
+def caption_from_name(prefix: str, path: str) -> str:
+    """A weak caption from a file name ('a photo of' + 'hubble_deep_field.jpg' -> 'a photo of
+    hubble deep field'), for sources without captions; documented as such."""
+    stem = basename(path).rsplit(".", 1)[0]
+    return f"{prefix} {re.sub(r'[_-]+', ' ', stem).strip()}"
 
 
 def basename(path: str) -> str:
@@ -86,11 +102,14 @@ def basename(path: str) -> str:
 class PackagedPhotos(CropSource):
     def __init__(self, config: Any) -> None:
         train = [load_image(resolve_package_path(p)) for p in config.train]
+        captions = [caption_from_name("a photo of", p) for p in config.train]
         if config.video_frames:
             for clip in config.clips:
-                train += video_frames(resolve_package_path(clip), config.video_frames)
+                frames = video_frames(resolve_package_path(clip), config.video_frames)
+                train += frames
+                captions += [caption_from_name("a video frame of", clip)] * len(frames)
         evals = [(basename(p), load_image(resolve_package_path(p))) for p in config.eval]
-        super().__init__(train, evals, config.crop)
+        super().__init__(train, evals, config.crop, captions=captions)
 
 
 def list_images(root: str, extensions: list[str]) -> list[str]:
