@@ -32,8 +32,15 @@ def save_checkpoint(
     stage: int,
     optimizer: torch.optim.Optimizer | None = None,
     extra_metadata: dict[str, Any] | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    """``model_state`` replaces ``model.state_dict()`` (e.g. the gathered state of a sharded
+    model); ``ema`` holds the moving-average weights by parameter name (``ema.*`` tensors)."""
+    state = model.state_dict() if model_state is None else model_state
+    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in state.items()}
+    for k, v in (ema or {}).items():
+        tensors[f"ema.{k}"] = v.detach().contiguous().clone()
     meta: dict[str, Any] = {"step": step, "stage": stage}
     if optimizer is not None:
         state = optimizer.state_dict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -40,9 +41,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print(format_dry_run(dry_run(recipe, registries)))
         return 0
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_torchrun(args.nproc)
     report = run_recipe(recipe, registries, args.out, resume=args.resume, progress=not args.no_progress)
-    print(summary(report, args.out or recipe.resolved_output_dir()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary(report, args.out or recipe.resolved_output_dir()))
+    if "WORLD_SIZE" in os.environ:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
+
+
+def launch_torchrun(nproc: int) -> int:
+    """`atoken run --nproc N ...` = `torchrun --standalone --nproc-per-node N -m atoken_core.cli run ...`
+    (one node; for several nodes call torchrun yourself, see recipes/full.toml)."""
+    import subprocess
+
+    argv = sys.argv[1:]
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(argv[i])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "atoken_core.cli", *rest]
+    return subprocess.call(cmd)
 
 
 def summary(report: dict[str, Any], out: str) -> str:
@@ -211,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true",
                    help="print parameters, tokens, FLOPs and activation memory per step; build nothing real, run nothing")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (FSDP2 through torchrun; one per GPU, or gloo on CPU)")
     add_set(p)
     p.set_defaults(func=cmd_run)
 

@@ -72,10 +72,11 @@ def format_dry_run(report: dict[str, Any]) -> str:
     lines = [f"flavor {report['flavor']}: {report['total_params']:,} parameters "
              f"({size(report['weights_bytes_fp32'])} in fp32)"]
     lines += [f"  {name:<10} {count:>14,}" for name, count in report["params"].items()]
-    lines.append("stage        steps  tokens/step  train TFLOP/step  activations bf16 (checkpointed)  fp32")
+    w = max(10, *(len(st["stage"]) for st in report["stages"]))
+    lines.append(f"  {'stage':<{w}} {'steps':>7}  tokens/step  train TFLOP/step  activations bf16 (checkpointed)  fp32")
     for st in report["stages"]:
         lines.append(
-            f"  {st['stage']:<10} {st['steps']:>5}  {st['tokens_per_step']:>11,}  {st['train_flops_per_step'] / 1e12:>16.3f}"
+            f"  {st['stage']:<{w}} {st['steps']:>7}  {st['tokens_per_step']:>11,}  {st['train_flops_per_step'] / 1e12:>16.3f}"
             f"  {size(st['activation_bytes_bf16']):>12} ({size(st['activation_bytes_bf16_checkpointed'])})"
             f"  {size(st['activation_bytes_fp32'])}"
         )

@@ -76,6 +76,9 @@ class OptimConfig:
     grad_clip: float = doc("max global gradient norm (0 disables)", default=1.0)
     encoder_lr_scale: float = doc("learning-rate multiplier for the encoder (the paper: 0.1 for a pretrained "
                                   "SigLIP2 encoder)", default=1.0)
+    ema_decay: float = doc("exponential moving average of the weights, used for evaluation and exported "
+                           "(0 disables; e.g. 0.999)", default=0.0,
+                           validator=[attrs.validators.ge(0.0), attrs.validators.lt(1.0)])
 
 
 @attrs.define(kw_only=True)
@@ -98,6 +101,8 @@ class LogConfig:
     checkpoint_every: int = doc("write a checkpoint every N steps (and at the end)", default=100)
     keep_checkpoints: int = doc("how many step checkpoints to keep (the final one is always kept)", default=2)
     progress: bool = doc("show a progress bar", default=True)
+    tensorboard: bool = doc("also write TensorBoard event files under tb/ (when the tensorboard package is "
+                            "installed and the output folder is local)", default=True)
 
 
 @attrs.define(kw_only=True)
@@ -105,6 +110,18 @@ class EvalConfig:
     grid_images: int = doc("held-out images shown in each reconstruction grid", default=4)
     pca_baseline: bool = doc("also report PCA of the patches at the same latent size", default=True)
     max_side: int = doc("held-out images are resized so the longer side is at most this", default=640)
+    every: int = doc("evaluate and write reconstruction grids every N steps (0: at the start and end only)",
+                     default=0, validator=attrs.validators.ge(0))
+
+
+@attrs.define(kw_only=True)
+class ParallelConfig:
+    mixed_precision: str = doc("'none' (fp32) or 'bf16' (bf16 compute, fp32 weights and gradient reduction; "
+                               "FSDP2's policy under torchrun, autocast on a single GPU)", default="none",
+                               validator=attrs.validators.in_(["none", "bf16"]))
+    activation_checkpointing: bool = doc("recompute each transformer block in the backward pass "
+                                         "(less activation memory, ~1/3 more compute)", default=False)
+    compile: bool = doc("torch.compile every transformer block", default=False)
 
 
 @attrs.define(kw_only=True)
@@ -124,6 +141,8 @@ class Recipe:
     stage: list[StageConfig] = doc("[[stage]] blocks, run in order by the curriculum")
     log: LogConfig = doc("logging and checkpoints", factory=LogConfig)
     eval: EvalConfig = doc("held-out evaluation", factory=EvalConfig)
+    parallel: ParallelConfig = doc("precision, activation checkpointing, compilation (and FSDP2 under torchrun)",
+                                   factory=ParallelConfig)
 
     def resolved_output_dir(self) -> str:
         return self.output_dir.replace("{name}", self.name)

@@ -22,14 +22,37 @@ from atoken_core.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from atoken_core.evaluate import SSIM_SETTINGS, PCABaseline, evaluate_images, image_metrics, mean_metrics, save_grid
+from atoken_core.distributed import (
+    DistEnv,
+    all_true,
+    as_float,
+    barrier,
+    build_sharded,
+    full_state_dict,
+    init_distributed,
+    load_sharded,
+    local,
+    mean_over_ranks,
+    save_sharded,
+)
+from atoken_core.evaluate import (
+    SSIM_SETTINGS,
+    PCABaseline,
+    evaluate_images,
+    image_metrics,
+    mean_metrics,
+    modality_head,
+    save_grid,
+)
 from atoken_core.imaging import resize_within
 from atoken_core.io import url_of
 from atoken_core.interfaces import LossInputs, StagePlan
 from atoken_core.recipe import Recipe, recipe_to_dict
 from atoken_core.registry import Registries
 
-CKPT_RE = re.compile(r"step-(\d+)\.safetensors$")
+# step-000100.safetensors (one process) or step-000100.dcp/ (torch.distributed.checkpoint folder)
+CKPT_RE = re.compile(r"step-(\d+)\.(safetensors|dcp)$")
+DCP_META = "atoken.json"
 
 
 class TrainingError(RuntimeError):
@@ -56,18 +79,26 @@ class Run:
         self.registries = registries
         self.out = out_dir.rstrip("/")
         self.fs, self.out_path = fsspec.core.url_to_fs(self.out)
-        self.progress = progress and recipe.log.progress
+        self.env: DistEnv = init_distributed()
+        self.progress = progress and recipe.log.progress and self.env.is_main
         torch.manual_seed(recipe.seed)
         self.curriculum = build_component(recipe.curriculum, "curriculum", registries)
         self.plans = self.curriculum.stages(recipe)
         self.total_steps = sum(p.steps for p in self.plans)
+        for plan in self.plans:
+            if plan.batch_size % self.env.world:
+                raise TrainingError(f"stage {plan.name!r}: batch_size {plan.batch_size} does not split evenly over "
+                                    f"{self.env.world} processes (each process takes batch_size / processes samples)")
         names = sorted({m for p in self.plans for m in p.modalities})
         self.modalities = {m: build_modality(recipe, registries, m) for m in names}
         self.data = {m: build_component(recipe.data[m], "dataset", registries) for m in names}
-        self.model = build_model(recipe, registries, self.plans[0].bottleneck, self.plans[0].latent_dim)
         self._bottleneck_spec = self.plans[0].bottleneck
-        self.losses = [(spec, build_component(spec, "loss", registries)) for spec in recipe.loss]
+        self.model = self._build_model(lambda: build_model(recipe, registries, self.plans[0].bottleneck,
+                                                           self.plans[0].latent_dim))
+        self.losses = [(spec, build_component(spec, "loss", registries).to(self.env.device)) for spec in recipe.loss]
         self.optimizer = self._optimizer()
+        self.ema = self._fresh_ema()
+        self.tb = None
         self.recipe_dict = recipe_to_dict(recipe)
         self._eval_cache: dict[str, list[tuple[str, torch.Tensor]]] = {}
         self._pca: dict[str, PCABaseline] = {}
@@ -85,12 +116,61 @@ class Run:
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 groups.setdefault((name.split(".", 1)[0] in ENCODER_MODULES, p.ndim >= 2), []).append(p)
-        return torch.optim.AdamW(
-            [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
-              "lr_scale": o.encoder_lr_scale if encoder else 1.0}
-             for (encoder, decay), params in sorted(groups.items())],
-            lr=o.lr, betas=tuple(o.betas),
-        )
+        param_groups = [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
+                         "lr_scale": o.encoder_lr_scale if encoder else 1.0}
+                        for (encoder, decay), params in sorted(groups.items())]
+        # Losses may learn too (the sigmoid loss's temperature and bias; no decay, as in SigLIP).
+        loss_params = [p for _, fn in self.losses for p in fn.parameters() if p.requires_grad]
+        if loss_params:
+            param_groups.append({"params": loss_params, "weight_decay": 0.0, "lr_scale": 1.0})
+        return torch.optim.AdamW(param_groups, lr=o.lr, betas=tuple(o.betas))
+
+    def _build_model(self, build: Any, build_meta: Any = None) -> torch.nn.Module:
+        """One process: build, move to the device. Under torchrun: FSDP2 over the process group
+        (built on the meta device, filled from rank 0). Then activation checkpointing and
+        torch.compile as the recipe asks."""
+        par = self.recipe.parallel
+        if self.env.distributed:
+            model = build_sharded(build, self.env, par.mixed_precision, build_meta)
+        else:
+            model = build().to(self.env.device)
+        model.activation_checkpointing = par.activation_checkpointing
+        if par.compile:
+            for block in [*model.encoder, *model.decoder]:
+                block.compile(dynamic=True)
+        return model
+
+    def _autocast(self) -> Any:
+        """bf16 autocast for a single GPU process (FSDP2's policy does the casting when sharded)."""
+        import contextlib
+
+        if self.recipe.parallel.mixed_precision == "bf16" and not self.env.distributed and self.env.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _fresh_ema(self) -> dict[str, torch.Tensor] | None:
+        if not self.recipe.optim.ema_decay:
+            return None
+        return {n: local(p.detach()).clone() for n, p in self.model.named_parameters()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        params = dict(self.model.named_parameters())
+        names = list(self.ema)
+        torch._foreach_lerp_([self.ema[n] for n in names], [local(params[n].detach()) for n in names],
+                             1.0 - self.recipe.optim.ema_decay)
+
+    def _swap_ema(self) -> None:
+        """Exchange the live weights and the EMA weights (twice restores them)."""
+        if self.ema is None:
+            return
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                live = local(p.detach()).clone()
+                local(p.detach()).copy_(self.ema[name])
+                self.ema[name] = live
 
     def _prepare_out_dir(self, resume: bool, create_parents: bool) -> None:
         parent = self.out_path.rsplit("/", 1)[0] if "/" in self.out_path else "."
@@ -100,8 +180,10 @@ class Run:
             raise TrainingError(
                 f"{self.out}: already holds checkpoints; pass --resume to continue that run or choose another --out"
             )
-        for sub in ("", "/checkpoints", "/recon"):
-            self.fs.makedirs(self.out_path + sub, exist_ok=True)
+        if self.env.is_main:
+            for sub in ("", "/checkpoints", "/recon"):
+                self.fs.makedirs(self.out_path + sub, exist_ok=True)
+        barrier(self.env)
 
     def checkpoints(self) -> list[tuple[int, str]]:
         folder = f"{self.out_path}/checkpoints"
@@ -109,9 +191,9 @@ class Run:
             return []
         found = []
         for path in self.fs.ls(folder, detail=False):
-            m = CKPT_RE.search(path)
+            m = CKPT_RE.search(path.rstrip("/"))
             if m:
-                found.append((int(m.group(1)), path))
+                found.append((int(m.group(1)), path.rstrip("/")))
         return sorted(found)
 
     def _url(self, path: str) -> str:
@@ -126,10 +208,31 @@ class Run:
         same_spec = (spec.kind, spec.params) == (self._bottleneck_spec.kind, self._bottleneck_spec.params)
         if same_spec and latent_dim == self.model.bottleneck.latent_dim:
             return
-        new = build_bottleneck(spec, self.registries, in_dim=self.model.flavor.width, latent_dim=latent_dim)
-        self.model.replace_bottleneck(new)
+        width = self.model.flavor.width
+        if not self.env.distributed:
+            new = build_bottleneck(spec, self.registries, in_dim=width, latent_dim=latent_dim).to(self.env.device)
+            self.model.replace_bottleneck(new)
+        else:
+            # A sharded model is not edited in place: rank 0 rebuilds the previous stage's model
+            # from the gathered weights, swaps the bottleneck, and the result is sharded again.
+            state = full_state_dict(self.model)
+            old_spec, old_dim = self._bottleneck_spec, self.model.bottleneck.latent_dim
+
+            def build() -> torch.nn.Module:
+                # Rebuilding the old architecture must not consume random numbers: the new
+                # bottleneck then draws exactly what it draws in a single process.
+                with torch.random.fork_rng():
+                    model = build_model(self.recipe, self.registries, old_spec, old_dim)
+                if state:
+                    model.load_state_dict(state)
+                model.replace_bottleneck(build_bottleneck(spec, self.registries, in_dim=width, latent_dim=latent_dim))
+                return model
+
+            # the grown/switched model has exactly a fresh build's architecture at the new stage
+            self.model = self._build_model(build, lambda: build_model(self.recipe, self.registries, spec, latent_dim))
         self._bottleneck_spec = spec
         self.optimizer = self._optimizer()
+        self.ema = self._fresh_ema()  # a new parameter set: the average starts again
 
     def stage_at(self, step: int) -> tuple[StagePlan, int]:
         start = 0
@@ -150,21 +253,29 @@ class Run:
         terms: dict[str, float] = {}
         total_value = 0.0
         finite = True
+        env, device = self.env, self.env.device
+        semantic = self.model.pool_head is not None
         for name in schedule:
             modality, source = self.modalities[name], self.data[name]
-            samples = source.train_batch(plan.batch_size, gen)
+            # The global batch is drawn identically on every rank; each takes its own slice.
+            samples, texts = source.train_batch_texts(plan.batch_size, gen)
+            samples = samples[env.rank :: env.world]
+            texts = None if texts is None else texts[env.rank :: env.world]
             tokens = modality.patchify(samples, self.model.spec)
-            recon_patches, bott = self.model(tokens.patches)
-            recons = modality.unpatchify(tokens.patches.with_features(recon_patches), tokens.meta, self.model.spec)
-            inputs = LossInputs(name, torch.stack(samples), torch.stack(recons), bott)
-            loss = recon_patches.new_zeros(())
+            with self._autocast():
+                out = self.model.forward_all(tokens.patches.to(device), head=modality_head(self.model, modality),
+                                             semantic=semantic)
+            recons = modality.unpatchify(tokens.patches.with_features(out.recon.float()), tokens.meta, self.model.spec)
+            target = torch.stack(modality.targets(samples)).to(device)
+            inputs = LossInputs(name, target, torch.stack(recons), out.bottleneck, semantic=out.semantic, texts=texts)
+            loss = target.new_zeros(())
             for spec, fn in self.losses:
                 if spec.modalities is not None and name not in spec.modalities:
                     continue
                 for term, value in fn(inputs).items():
                     loss = loss + spec.weight * value
                     terms[f"{name}/{term}"] = float(value.detach())
-            if not torch.isfinite(loss):
+            if not all_true(bool(torch.isfinite(loss)), env):
                 finite = False
                 break
             (loss / len(schedule)).backward()
@@ -172,29 +283,41 @@ class Run:
         grad_norm = 0.0
         if finite:
             if self.recipe.optim.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip))
+                grad_norm = as_float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip))
             if math.isfinite(grad_norm):
                 self.optimizer.step()
+                self._update_ema()
             else:
                 finite = False
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
+        # Every rank saw its own slice: log the global-batch means.
+        keys = sorted(terms)
+        averaged = mean_over_ranks([total_value, *(terms[k] for k in keys)], env)
+        total_value, terms = averaged[0], dict(zip(keys, averaged[1:]))
         return {"stage": plan.name, "loss": total_value, **terms, "lr": lr, "grad_norm": grad_norm, "finite": finite}
 
     def eval_samples(self, name: str) -> list[tuple[str, torch.Tensor]]:
         """Held-out samples, downscaled so the longer side is at most eval.max_side."""
         if name not in self._eval_cache:
             side = self.recipe.eval.max_side
-            self._eval_cache[name] = [(n, resize_within(x, max_side=side)) for n, x in self.data[name].eval_samples()]
+            self._eval_cache[name] = [(n, resize_within(x, max_side=side) if torch.is_tensor(x) else x)
+                                      for n, x in self.data[name].eval_samples()]
         return self._eval_cache[name]
 
     def evaluate(self) -> dict[str, Any]:
+        """Held-out metrics per modality (with the EMA weights when the recipe keeps them). Every
+        rank runs it (a sharded model needs them all); only rank 0 writes anything."""
         results = {}
         self._last_recons = {}
-        for name in self.data:
-            metrics, recons = evaluate_images(self.model, self.modalities[name], self.eval_samples(name))
-            results[name] = metrics
-            self._last_recons[name] = recons
+        self._swap_ema()
+        try:
+            for name in self.data:
+                metrics, recons = evaluate_images(self.model, self.modalities[name], self.eval_samples(name))
+                results[name] = metrics
+                self._last_recons[name] = recons
+        finally:
+            self._swap_ema()
         return results
 
     def pca(self, name: str) -> PCABaseline:
@@ -207,6 +330,8 @@ class Run:
     def pca_baseline(self) -> dict[str, Any]:
         out = {}
         for name in self.data:
+            if modality_head(self.model, self.modalities[name]) is not None:
+                continue  # PCA of patch pixels has nothing to say about rendered 3D views
             pca = self.pca(name)
             samples = self.eval_samples(name)
             recons = [pca.reconstruct(x) for _, x in samples]
@@ -217,17 +342,22 @@ class Run:
         return out
 
     def save_grids(self, step: int) -> list[str]:
+        if not self.env.is_main:
+            return []
         paths = []
         for name in self.data:
             samples = self.eval_samples(name)[: self.recipe.eval.grid_images]
             recons = self._last_recons[name]
             rows = []
+            modality = self.modalities[name]
+            unit = "frame" if modality_head(self.model, modality) is None else "view"
             for i, (label, x) in enumerate(samples):
+                x = modality.targets([x])[0]
                 cells = [(f"{label} original", x), (f"atoken step {step}", recons[i])]
                 if name in self._pca_recons:
                     cells.append((f"PCA-{self.plans[-1].latent_dim}", self._pca_recons[name][i]))
-                if x.ndim == 4:  # a video: one row for its first frame, one for its last
-                    rows += [[(f"{lab} frame {t}", v[t]) for lab, v in cells] for t in (0, x.shape[0] - 1)]
+                if x.ndim == 4:  # a video (or a 3D asset's views): rows for the first and last
+                    rows += [[(f"{lab} {unit} {t}", v[t]) for lab, v in cells] for t in (0, x.shape[0] - 1)]
                 else:
                     rows.append(cells)
             path = f"{self.out_path}/recon/{name}-step-{step:06d}.png"
@@ -235,19 +365,127 @@ class Run:
             paths.append(path)
         return paths
 
+    @torch.no_grad()
+    def save_reconstructions(self) -> list[str]:
+        """Each modality's own formats for the first eval.grid_images held-out samples (videos as
+        .mp4, 3D assets as .ply + turntable), under recon/."""
+        written = []
+        self.model.eval()
+        self._swap_ema()
+        try:
+            for name, modality in self.modalities.items():
+                head = modality_head(self.model, modality)
+                for label, x in self.eval_samples(name)[: self.recipe.eval.grid_images]:
+                    tokens = modality.patchify([x], self.model.spec)
+                    recon, _ = self.model(tokens.patches.to(self.env.device), sample=False, head=head)
+                    if not self.env.is_main:
+                        continue
+                    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.rsplit(".", 1)[0])
+                    written += modality.save_reconstruction(
+                        tokens.patches.with_features(recon.float().cpu()), tokens.meta, self.model.spec,
+                        self._url(f"{self.out_path}/recon/{name}-{stem}"))
+        finally:
+            self._swap_ema()
+            self.model.train()
+        return written
+
     def save(self, step: int, plan: StagePlan, extra: dict[str, Any]) -> str:
-        path = f"{self.out_path}/checkpoints/step-{step:06d}.safetensors"
-        save_checkpoint(self._url(path), self.model, recipe=self.recipe_dict, step=step, stage=plan.index,
-                        optimizer=self.optimizer, extra_metadata=extra)
-        keep = self.recipe.log.keep_checkpoints
-        old = [p for s, p in self.checkpoints() if s != step and s != self.total_steps]
-        for p in old[: max(0, len(old) - (keep - 1))]:
-            self.fs.rm(p)
+        if self.env.distributed:
+            path = self._save_sharded(step, plan, extra)
+        else:
+            path = f"{self.out_path}/checkpoints/step-{step:06d}.safetensors"
+            save_checkpoint(self._url(path), self.model, recipe=self.recipe_dict, step=step, stage=plan.index,
+                            optimizer=self.optimizer, extra_metadata=extra, ema=self.ema)
+        if self.env.is_main:
+            keep = self.recipe.log.keep_checkpoints
+            old = [p for s, p in self.checkpoints() if s != step and s != self.total_steps]
+            for p in old[: max(0, len(old) - (keep - 1))]:
+                self.fs.rm(p, recursive=True)
+        barrier(self.env)
+        return path
+
+    def _sharded_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        state = {"model": get_model_state_dict(self.model),
+                 "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+        if self.ema is not None:
+            state["ema"] = dict(self.ema)
+        return state
+
+    def _save_sharded(self, step: int, plan: StagePlan, extra: dict[str, Any]) -> str:
+        """A torch.distributed.checkpoint folder (every rank writes its shards, any world size can
+        read it) with atoken.json describing it; written under a temporary name and renamed by
+        rank 0 once every rank is done, so a crash never leaves a half checkpoint."""
+        path = f"{self.out_path}/checkpoints/step-{step:06d}.dcp"
+        tmp = path + ".tmp"
+        if self.env.is_main and self.fs.exists(tmp):
+            self.fs.rm(tmp, recursive=True)
+        barrier(self.env)
+        save_sharded(self._url(tmp), self._sharded_state())
+        barrier(self.env)
+        if self.env.is_main:
+            meta = {"format": "atoken-dcp-v1", "atoken_version": __version__, "recipe": self.recipe_dict,
+                    "state": {"step": step, "stage": plan.index, "world_size": self.env.world,
+                              "rng_torch": torch.get_rng_state().tolist(), **extra}}
+            with self.fs.open(f"{tmp}/{DCP_META}", "w") as f:
+                json.dump(meta, f)
+            self.fs.mv(tmp, path, recursive=True)
+        barrier(self.env)
+        return path
+
+    def _resume_from(self, path: str) -> dict[str, Any]:
+        """Load a checkpoint of either kind into this run; returns its state metadata."""
+        if path.endswith(".dcp"):
+            if not self.env.distributed:
+                raise TrainingError(f"{path}: a sharded checkpoint; resume it under torchrun (atoken run --nproc N)")
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+            with self.fs.open(f"{path}/{DCP_META}", "r") as f:
+                meta = json.load(f)
+            self.use_stage_bottleneck(self.plans[int(meta["state"]["stage"])])
+            state = self._sharded_state()
+            load_sharded(self._url(path), state)
+            set_model_state_dict(self.model, state["model"])
+            set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+            if self.ema is not None and "ema" in state:
+                self.ema = state["ema"]
+            torch.set_rng_state(torch.tensor(meta["state"]["rng_torch"], dtype=torch.uint8))
+            return meta["state"]
+        if self.env.distributed:
+            raise TrainingError(f"{path}: a single-process checkpoint; resume it with plain `atoken run --resume`")
+        tensors, meta = read_checkpoint(self._url(path))
+        self.use_stage_bottleneck(self.plans[int(meta["state"]["stage"])])
+        load_model_state(self.model, tensors, path)
+        load_optimizer_state(self.optimizer, tensors, meta)
+        if self.ema is not None:
+            for name in self.ema:
+                if f"ema.{name}" in tensors:
+                    self.ema[name] = tensors[f"ema.{name}"].to(self.env.device)
+        return meta["state"]
+
+    def export(self, step: int, plan: StagePlan) -> str | None:
+        """A sharded run ends with one consolidated safetensors file (model weights, recipe and
+        stage in its metadata) that `atoken encode/decode/eval` read like any checkpoint."""
+        if not self.env.distributed:
+            return None
+        state = full_state_dict(self.model)
+        path = f"{self.out_path}/final.safetensors"
+        if self.env.is_main:
+            save_checkpoint(self._url(path), self.model, recipe=self.recipe_dict, step=step, stage=plan.index,
+                            model_state=state)
+        barrier(self.env)
         return path
 
     def _append_metrics(self, rows: list[dict[str, Any]]) -> None:
-        if not rows:
+        if not rows or not self.env.is_main:
             return
+        if self.tb is not None:
+            for row in rows:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        self.tb.add_scalar(key, value, row["step"])
+            self.tb.flush()
         path = f"{self.out_path}/metrics.jsonl"
         with self.fs.open(path, "a") as f:
             for row in rows:
@@ -255,41 +493,70 @@ class Run:
 
     def _truncate_metrics(self, upto_step: int) -> None:
         """After a resume, drop rows logged past the checkpoint (they will be logged again)."""
-        path = f"{self.out_path}/metrics.jsonl"
-        if not self.fs.exists(path):
-            return
-        with self.fs.open(path, "r") as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= upto_step]
-        with self.fs.open(path, "w") as f:
-            f.writelines(rows)
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            path = f"{self.out_path}/{name}"
+            if not self.fs.exists(path):
+                continue
+            with self.fs.open(path, "r") as f:
+                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= upto_step]
+            with self.fs.open(path, "w") as f:
+                f.writelines(rows)
 
     # ------------------------------------------------------------------ main loop
+    def _open_tensorboard(self) -> None:
+        """TensorBoard event files under tb/ beside metrics.jsonl, when the optional tensorboard
+        package is installed and the output folder is on the local file system."""
+        if not (self.recipe.log.tensorboard and self.env.is_main and self.fs.protocol in ("file", ("file", "local"))):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self.tb = SummaryWriter(f"{self.out_path}/tb")
+
+    def _log_eval(self, step: int, results: dict[str, Any]) -> None:
+        """Held-out means per modality to eval.jsonl (and TensorBoard), one row per evaluation."""
+        if not self.env.is_main:
+            return
+        with self.fs.open(f"{self.out_path}/eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{name: r["mean"] for name, r in results.items()}}) + "\n")
+        if self.tb is not None:
+            for name, r in results.items():
+                for metric, value in r["mean"].items():
+                    self.tb.add_scalar(f"eval/{name}/{metric}", value, step)
+
     def run(self, resume: bool = False, create_parents: bool = False) -> dict[str, Any]:
         self._prepare_out_dir(resume, create_parents)
         start, extra, resumed = 0, {}, False
         if resume:
             ckpts = self.checkpoints()
             if ckpts:
-                step, path = ckpts[-1]
-                tensors, meta = read_checkpoint(self._url(path))
-                self.use_stage_bottleneck(self.plans[int(meta["state"]["stage"])])
-                load_model_state(self.model, tensors, path)
-                load_optimizer_state(self.optimizer, tensors, meta)
-                start = int(meta["state"]["step"])
-                extra = {k: meta["state"][k] for k in ("eval_initial", "pca_baseline", "nonfinite_steps") if k in meta["state"]}
-                self._truncate_metrics(start)
+                state = self._resume_from(ckpts[-1][1])
+                start = int(state["step"])
+                extra = {k: state[k] for k in ("eval_initial", "pca_baseline", "nonfinite_steps") if k in state}
+                if self.env.is_main:
+                    self._truncate_metrics(start)
                 resumed = True
         if not resumed and self.recipe.model.init.startswith("siglip2:"):
+            if self.env.distributed:
+                raise TrainingError("model.init = 'siglip2:...' under torchrun: import once with `atoken import-siglip2` "
+                                    "and start the sharded run from that checkpoint (not supported yet)")
             from atoken_core.siglip2 import import_siglip2, load_siglip2_vision_state
 
             path = self.recipe.model.init.removeprefix("siglip2:")
             import_siglip2(self.model, load_siglip2_vision_state(path), source=path)
+            self.ema = self._fresh_ema()
         if not resumed and self.recipe.model.shortcut == "pca":
+            if self.env.distributed:
+                raise TrainingError("model.shortcut = 'pca' is not supported under torchrun yet")
             pca, k = self.pca(self.plans[0].modalities[0]), self.plans[0].latent_dim
             # the PCA is fitted at the final width; its leading k components are the k-PCA
             self.model.init_shortcut(pca.mean.float(), pca.basis[:k].float(), pca.variance[:k].float())
+            self.ema = self._fresh_ema()
+        self._open_tensorboard()
         if "eval_initial" not in extra:
             extra["eval_initial"] = self.evaluate()
+            self._log_eval(0, extra["eval_initial"])
         if self.recipe.eval.pca_baseline:
             extra["pca_baseline"] = self.pca_baseline()
         extra.setdefault("nonfinite_steps", 0)
@@ -297,12 +564,16 @@ class Run:
         t0 = time.perf_counter()
         pending: list[dict[str, Any]] = []
         streak = 0
-        bar = tqdm(total=self.total_steps, initial=start, disable=not self.progress, desc="train", unit="step",
-                   dynamic_ncols=True)
+        bar, bar_stage = None, None
         for step in range(start, self.total_steps):
-            plan = self.stage_at(step)[0]
+            plan, in_stage = self.stage_at(step)
             self.use_stage_bottleneck(plan)
-            bar.set_description(f"stage {plan.index + 1}/{len(self.plans)} {plan.name}")
+            if plan.index != bar_stage:  # one progress bar (with its own ETA) per stage
+                if bar is not None:
+                    bar.close()
+                bar = tqdm(total=plan.steps, initial=in_stage, disable=not self.progress, unit="step",
+                           desc=f"stage {plan.index + 1}/{len(self.plans)} {plan.name}", dynamic_ncols=True)
+                bar_stage = plan.index
             row = self.train_step(step)
             if not row.pop("finite"):
                 extra["nonfinite_steps"] += 1
@@ -320,29 +591,43 @@ class Run:
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             if done % self.recipe.log.every == 0 or done == self.total_steps:
                 pending.append({"step": done, **row, "seconds": round(time.perf_counter() - t0, 3)})
+            every = self.recipe.eval.every
+            if every and done % every == 0 and done != self.total_steps:
+                self._log_eval(done, self.evaluate())
+                self.save_grids(done)
             if done % self.recipe.log.checkpoint_every == 0 or done == self.total_steps:
                 self._append_metrics(pending)  # metrics first, so a resumed run never loses rows
                 pending = []
                 self.save(done, plan, extra)
-        bar.close()
+        if bar is not None:
+            bar.close()
         self._append_metrics(pending)
 
         final = self.evaluate()
+        self._log_eval(self.total_steps, final)
         self.save_grids(self.total_steps)
+        self.save_reconstructions()
+        export = self.export(self.total_steps, self.plans[-1])
         report = {
             "atoken_version": __version__,
             "recipe": self.recipe.name,
             "steps": self.total_steps,
+            "processes": self.env.world,
             "train_seconds_this_process": round(time.perf_counter() - t0, 1),
             "ssim_settings": SSIM_SETTINGS,
+            "ema_decay": self.recipe.optim.ema_decay,
             "step_0": extra["eval_initial"],
             "final": final,
             "pca_baseline": extra.get("pca_baseline"),
             "nonfinite_steps": extra["nonfinite_steps"],
             "params": self.model.num_params(),
+            "export": export,
         }
-        with self.fs.open(f"{self.out_path}/eval.json", "w") as f:
-            json.dump(report, f, indent=2)
+        if self.env.is_main:
+            with self.fs.open(f"{self.out_path}/eval.json", "w") as f:
+                json.dump(report, f, indent=2)
+        if self.tb is not None:
+            self.tb.close()
         return report
 
 

@@ -29,3 +29,9 @@ def make_model(registries, bottleneck: str = "kl", latent_dim: int = 8, flavor: 
     config = component.config(**params)
     width = FLAVORS[flavor].width
     return AToken(FLAVORS[flavor], component.build(config, in_dim=width, latent_dim=latent_dim), shortcut=shortcut)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """One ATOKEN_CACHE for the CLI runs of a session (the converted VGG16 weights are made once)."""
+    return tmp_path_factory.mktemp("atoken-cache")

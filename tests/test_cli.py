@@ -45,11 +45,6 @@ def small(steps: int, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("atoken-cache")
-
-
-@pytest.fixture(scope="session")
 def trained(tmp_path_factory, cache) -> Path:
     out = tmp_path_factory.mktemp("run") / "tiny"
     atoken("run", TINY, "--out", str(out), "--no-progress", *small(30), cache=cache)
@@ -255,6 +250,49 @@ def test_image_and_video_curriculum_end_to_end(tmp_path, cache):
     report = json.loads((out / "eval.json").read_text())
     assert set(report["final"]) == {"image", "video"}
     assert report["pca_baseline"]["video"]["components"] == 12
-    assert {p.name for p in (out / "recon").glob("*.png")} == {"image-step-000004.png", "video-step-000004.png"}
+    assert {p.name for p in (out / "recon").glob("*.png")} == {"image-step-000004.png", "video-step-000004.png",
+                                                                "video-carphone_pristine-frames.png"}
+    from atoken_modalities.video_impl import load_video
+
+    clip = load_video(str(out / "recon" / "video-carphone_pristine.mp4"))  # the reconstruction, playable
+    assert clip.shape[:2] == (4, 3)  # data.video.eval_frames
     _, meta = read_checkpoint(str(out / "checkpoints" / "step-000004.safetensors"))
     assert meta["state"]["stage"] == 1
+
+
+def test_ema_weights_tensorboard_and_eval_every(tmp_path, cache):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "ema"
+    atoken("run", TINY, "--out", str(out), "--no-progress",
+           *small(4, "optim.ema_decay=0.5", "eval.every=2", "eval.pca_baseline=false"), cache=cache)
+    tensors, _ = read_checkpoint(str(out / "checkpoints" / "step-000004.safetensors"))
+    ema = {k.removeprefix("ema."): v for k, v in tensors.items() if k.startswith("ema.")}
+    live = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    assert ema and set(ema) <= set(live)
+    # after 4 updates with decay 0.5 the average trails the live weights but has moved from init
+    name = "decoder_in.weight"
+    assert not torch.equal(ema[name], live[name])
+    evals = read_metrics(out / "eval.jsonl")
+    assert [r["step"] for r in evals] == [0, 2, 4] and "psnr" in evals[-1]["image"]
+    assert (out / "recon" / "image-step-000002.png").exists()
+    events = list((out / "tb").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert {"loss", "image/l1", "eval/image/psnr"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+
+
+def test_semantic_distillation_trains_w_s_from_a_teacher(tmp_path, cache):
+    # A flavour with the attention-pooling head and W_s, the random stand-in teacher, a prompt set.
+    out = tmp_path / "sem"
+    distill = ('loss=[{kind="l1"}, {kind="distill", weight=1.0, teacher="random", '
+               'teacher_config={embed_dim=64}, prompts=["a photo of a cat", "a photo of a rocket", "coins"]}]')
+    atoken("run", TINY, "--out", str(out), "--no-progress",
+           *small(4, "model.flavor=test-siglip", distill, "eval.pca_baseline=false", "optim.lr=1e-2"), cache=cache)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all("image/distill" in r and r["image/distill"] >= 0 for r in rows)
+    tensors, _ = read_checkpoint(str(out / "checkpoints" / "step-000004.safetensors"))
+    assert tensors["model.semantic_proj.weight"].shape == (64, 64)

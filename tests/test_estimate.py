@@ -58,3 +58,14 @@ def test_dry_run_cli_so400m_allocates_nothing():
     assert "flavor so400m: 846,993,291 parameters" in proc.stdout
     growth = float(proc.stdout.split("GROWTH")[1])
     assert growth < 300, f"the so400m dry run grew the process by {growth:.0f} MiB"
+
+
+def test_full_recipe_dry_run_is_the_papers_four_stages(registries):
+    # recipes/full.toml: so400m (~800M encoder + decoder), image -> +video (48 channels) -> +3D -> FSQ
+    report = dry_run(load_recipe(str(ROOT / "recipes" / "full.toml"), registries), registries)
+    assert 780e6 < report["params"]["encoder"] + report["params"]["decoder"] < 900e6
+    assert [s["modalities"] for s in report["stages"]] == [["image"], ["image", "video"], ["image", "video", "3d"],
+                                                          ["image", "video", "3d"]]
+    with torch.device("meta"):
+        model = build_model(load_recipe(str(ROOT / "recipes" / "full.toml"), registries), registries)
+    assert model.heads["3d"].out_features == 32 * 14  # 32 Gaussians per voxel, 14 numbers each

@@ -1,0 +1,153 @@
+"""Multi-process training on torch.distributed: FSDP2 (``fully_shard`` per transformer block),
+meta-device construction, and sharded checkpoints through torch.distributed.checkpoint.
+
+``atoken run`` is single-process unless it runs under ``torchrun`` (``WORLD_SIZE`` > 1) or is
+given ``--nproc N`` (which re-launches itself through torchrun). CUDA ranks use NCCL, CPU
+ranks gloo, so the same code path is tested on a laptop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+
+@attrs.frozen
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> DistEnv:
+    """Join the process group torchrun describes in the environment (once per process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if world == 1:
+        return DistEnv(device=device)
+    import torch.distributed as dist
+
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shard(model: nn.Module, mixed_precision: str) -> None:
+    """FSDP2: every transformer block is its own unit (its parameters are gathered just before
+    it runs and freed after), then the root takes what is left (embeddings, heads, W_r)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mp = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":
+        # bf16 compute, fp32 master weights and gradient reduction (torchtitan's default)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for blocks in (model.encoder, model.decoder):
+        for block in blocks:
+            fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # the trainer calls forward_all (both projections) rather than __call__: give it the same
+    # gather-before / free-after hooks as forward
+    register_fsdp_forward_method(model, "forward_all")
+
+
+def build_sharded(build: Callable[[], nn.Module], env: DistEnv, mixed_precision: str,
+                  build_meta: Callable[[], nn.Module] | None = None) -> nn.Module:
+    """Build on the meta device, shard, materialise only each rank's shard, then fill it from
+    rank 0's freshly built (or loaded) full model. Rank 0 alone holds a full copy, briefly;
+    every rank ends with the same weights a single process would have built. ``build_meta``
+    builds the same architecture without touching values (defaults to ``build``)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = build() if env.is_main else None
+    with torch.random.fork_rng(), torch.device("meta"):
+        model = (build_meta or build)()
+    shard(model, mixed_precision)
+    model.to_empty(device=env.device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Buffers are replicated, not sharded; non-persistent ones (RoPE frequencies, FSQ levels)
+    # are not in the state dict, so send them all.
+    full_buffers = dict(full.named_buffers()) if full is not None else {}
+    for name, buf in model.named_buffers():
+        if env.is_main:
+            buf.copy_(full_buffers[name].to(buf.device))
+        dist.broadcast(buf, src=0)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state on rank 0 (CPU), {} elsewhere. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def mean_over_ranks(values: list[float], env: DistEnv) -> list[float]:
+    if not env.distributed:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return (t / env.world).tolist()
+
+
+def all_true(flag: bool, env: DistEnv) -> bool:
+    if not env.distributed:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([0 if flag else 1], device=env.device)
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a plain tensor stays as it is)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def as_float(value: Any) -> float:
+    """A scalar that may be a DTensor (e.g. FSDP2's gradient norm)."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)
+
+
+def save_sharded(folder: str, state: dict[str, Any]) -> None:
+    """torch.distributed.checkpoint: each rank writes its shards; any world size can load them."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=folder)
+
+
+def load_sharded(folder: str, state: dict[str, Any]) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=folder)
