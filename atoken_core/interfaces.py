@@ -122,6 +122,16 @@ class Bottleneck(nn.Module, abc.ABC):
         """Copy a smaller bottleneck of the same kind into this one's first channels."""
         raise NotImplementedError(f"{type(self).__name__} cannot grow its latent")
 
+    def latent_projection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(weight (latent_dim, in_dim), bias) of the linear map to the deterministic latent
+        before any squashing (KL: the mean rows of W_r), for bottlenecks that have one."""
+        return None
+
+    def convert_from(self, old: Bottleneck) -> bool:
+        """Start from a bottleneck of another kind and the same width (KL -> FSQ: quantise what
+        the KL mean projected to, instead of a fresh W_r). Returns whether it did."""
+        return False
+
 
 @attrs.frozen
 class LossInputs:
@@ -156,6 +166,7 @@ class StagePlan:
     lr: float
     bottleneck: Any  # ComponentSpec in force for this stage
     latent_dim: int = 0  # latent channels in force for this stage
+    weights: Mapping[str, float] = attrs.field(factory=dict)  # loss multiplier per modality (default 1)
 
 
 class Curriculum(abc.ABC):
@@ -188,6 +199,14 @@ class DataSource(abc.ABC):
         """:meth:`train_batch` with one caption per sample, for sources that have captions
         (the semantic losses read them); None when the source has none."""
         return self.train_batch(batch_size, generator), None
+
+    def train_batch_part(self, batch_size: int, generator: torch.Generator, rank: int,
+                         world: int) -> tuple[list[Any], list[str] | None]:
+        """Samples ``rank::world`` of :meth:`train_batch_texts` (one data-parallel rank's slice of
+        the global batch). This default makes the whole batch and slices it; sources whose
+        samples are costly to decode may draw the same indices and decode only their slice."""
+        samples, texts = self.train_batch_texts(batch_size, generator)
+        return samples[rank::world], None if texts is None else texts[rank::world]
 
 
 class Teacher(nn.Module, abc.ABC):

@@ -30,6 +30,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("photos", "atoken_modalities.photos"),
     ("clips", "atoken_modalities.clips"),
     ("objects", "atoken_modalities.objects"),
+    ("shards", "atoken_modalities.shards"),
     ("bottlenecks", "atoken_bottlenecks"),
     ("teachers", "atoken_teachers"),
     ("losses", "atoken_losses"),

@@ -258,9 +258,7 @@ class Run:
         for name in schedule:
             modality, source = self.modalities[name], self.data[name]
             # The global batch is drawn identically on every rank; each takes its own slice.
-            samples, texts = source.train_batch_texts(plan.batch_size, gen)
-            samples = samples[env.rank :: env.world]
-            texts = None if texts is None else texts[env.rank :: env.world]
+            samples, texts = source.train_batch_part(plan.batch_size, gen, env.rank, env.world)
             tokens = modality.patchify(samples, self.model.spec)
             with self._autocast():
                 out = self.model.forward_all(tokens.patches.to(device), head=modality_head(self.model, modality),
@@ -278,6 +276,7 @@ class Run:
             if not all_true(bool(torch.isfinite(loss)), env):
                 finite = False
                 break
+            loss = loss * plan.weights.get(name, 1.0)
             (loss / len(schedule)).backward()
             total_value += float(loss.detach()) / len(schedule)
         grad_norm = 0.0

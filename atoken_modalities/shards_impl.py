@@ -1,0 +1,711 @@
+"""WebDataset-style tar shards: an index of member offsets, ranged reads, decoding in worker
+processes, and a writer.
+
+Determinism. The index (per sample: its shard and where each member's bytes lie) is built once
+by reading tar headers. A batch is a list of *plans* drawn from the step's generator, each a
+sample index and five uniform numbers that fix the augmentation (temporal start, crop top, crop
+left, flip, 3D rotation); the bytes of exactly those members are fetched with ranged reads and
+decoded. A sample that cannot be decoded is replaced by a plan drawn next from the same
+generator, in batch-position order, after the whole batch has been drawn, so the batch is a
+function of the generator alone, whatever was decoded (or found corrupt) before.
+
+Workers. ``workers > 0`` decodes in spawned processes (decoding is CPU-bound and torch, PIL,
+FFmpeg and the mesh renderer hold the GIL for much of it): every batch is decoded in parallel
+across the pool. The trainer hands each step a fresh generator (``train.step_generator``: seed
+``seed * 1_000_003 + step``), so when a call arrives with an untouched generator the source
+also starts decoding the batches of the next ``prefetch`` seeds in the background. Those
+guesses are stored under the exact generator state (and batch size) they were drawn from and
+used only when a later call arrives with that same state, so a wrong guess (another modality
+drew from the step's generator first, the batch size changed, steps alternate modalities)
+costs wasted work, never a different batch; :meth:`TarShards.prefetch` takes the coming
+generators explicitly for a trainer that knows them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import io
+import logging
+import math
+import multiprocessing
+import os
+import pickle
+import re
+import tarfile
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import attrs
+import fsspec
+import numpy as np
+import torch
+
+from atoken_core.imaging import resize_within
+from atoken_core.interfaces import DataSource
+from atoken_core.io import url_of
+
+log = logging.getLogger(__name__)
+
+#: errors bad data can raise while a member is read or decoded (ImageError, VideoError, MeshError
+#: and ThreeDError are ValueErrors); anything else is a bug and propagates
+DATA_ERRORS = (ValueError, OSError, EOFError, RuntimeError, tarfile.TarError)
+KEEP_SKIPPED = 10  # messages kept in ``skipped``
+AUGMENT_DRAWS = 5  # uniform numbers drawn per sample: temporal start, top, left, flip, rotation
+
+
+class ShardError(ValueError):
+    """A shard set, shard or member that cannot be used, naming where it came from."""
+
+
+class ShardNotFound(ShardError):
+    """A listed shard does not exist (a configuration mistake, never skipped)."""
+
+
+# ----------------------------------------------------------------------------- shard URIs
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Brace patterns as WebDataset writes them: ``a-{000..002}.tar`` -> ``a-000.tar a-001.tar
+    a-002.tar`` (zero padding kept), ``{train,val}.tar`` -> two names; several groups multiply.
+    A group with neither ``..`` nor ``,`` is kept literally."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end():]
+    rng = _RANGE.fullmatch(body)
+    if rng:
+        lo, hi = rng.groups()
+        width = max(len(lo), len(hi)) if re.match(r"-?0\d", lo) or re.match(r"-?0\d", hi) else 0
+        a, b = int(lo), int(hi)
+        items = [str(i).zfill(width) for i in range(a, b + (1 if b >= a else -1), 1 if b >= a else -1)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        return [head + "{" + body + "}" + rest for rest in expand_braces(tail)]
+    return [head + item + rest for item in items for rest in expand_braces(tail)]
+
+
+def resolve_shards(patterns: Sequence[str]) -> list[str]:
+    """Shard URIs from URIs, brace patterns and globs (globs are sorted; order is otherwise kept)."""
+    urls = []
+    for pattern in patterns:
+        for p in expand_braces(pattern):
+            fs, path = fsspec.core.url_to_fs(p)
+            if any(c in path for c in "*?["):
+                matches = sorted(fs.glob(path))
+                if not matches:
+                    raise ShardError(f"{p}: no shard matches this pattern")
+                urls += [url_of(fs, m) for m in matches]
+            else:
+                urls.append(url_of(fs, path))
+    return urls
+
+
+def _names(urls: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(urls[:limit])
+    return shown + (f", ... ({len(urls)} shards)" if len(urls) > limit else "")
+
+
+# ----------------------------------------------------------------------------- index
+
+
+class Part(NamedTuple):
+    """Where one member's bytes lie inside its shard."""
+
+    offset: int
+    size: int
+
+
+#: one shard's samples in tar order: (key, {extension: Part})
+ShardEntries = list[tuple[str, dict[str, Part]]]
+
+_MEMBER = re.compile(r"((?:.*/|)[^./][^./]*)\.([^/]*)")  # WebDataset's key/extension split
+_INDEX_CACHE: dict[tuple[str, str], tuple[ShardEntries, str | None]] = {}
+_INDEX_LOCK = threading.Lock()
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """``dir/000123.seg.png`` -> (``dir/000123``, ``seg.png``): the key runs to the first dot of
+    the file name, as in WebDataset. None for names without an extension or starting with a dot."""
+    m = _MEMBER.fullmatch(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def scan_shard(url: str) -> tuple[ShardEntries, str | None]:
+    """Read a shard's tar headers (seeking over member data) into its samples and member
+    locations, and a problem to report when the tar breaks off part-way (a shard cut short keeps
+    the samples before the break; a member cut short is caught by its ranged read)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    samples: dict[str, dict[str, Part]] = {}
+    problem = None
+    with fs.open(path, "rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.ReadError as err:
+            raise ShardError(f"{url}: not a readable uncompressed tar file ({err}); shards must be plain .tar "
+                             "so members can be read by offset") from None
+        with tar:
+            while True:
+                try:
+                    member = tar.next()
+                except tarfile.TarError as err:
+                    problem = f"{url}: tar breaks off after {len(tar.members)} members ({err}); the rest is ignored"
+                    break
+                if member is None:
+                    break
+                split = split_member(member.name) if member.isfile() else None
+                if split is not None:
+                    samples.setdefault(split[0], {})[split[1]] = Part(member.offset_data, member.size)
+    return list(samples.items()), problem
+
+
+def index_shard(url: str) -> tuple[ShardEntries, str | None]:
+    """:func:`scan_shard`, cached in memory for as long as the file's properties do not change."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        stamp = fs.ukey(path)
+    except FileNotFoundError:
+        raise ShardNotFound(f"{url}: shard not found") from None
+    with _INDEX_LOCK:
+        cached = _INDEX_CACHE.get((url, stamp))
+    if cached is None:
+        cached = scan_shard(url)
+        with _INDEX_LOCK:
+            _INDEX_CACHE[(url, stamp)] = cached
+    return cached
+
+
+def clear_index_cache() -> None:
+    with _INDEX_LOCK:
+        _INDEX_CACHE.clear()
+
+
+@attrs.frozen
+class Ref:
+    """One sample's members: the shard, a name for messages, the media extension and the parts
+    to read (``media`` and, where present, ``caption`` and ``label``)."""
+
+    url: str
+    key: str
+    ext: str
+    parts: dict[str, Part]
+
+    @property
+    def name(self) -> str:
+        return f"{self.url}#{self.key}.{self.ext}"
+
+
+class ShardIndex:
+    """The samples of a shard set that have a media member, in shard then tar order. Holds two
+    integers per sample beside the (cached, shared) per-shard entries."""
+
+    def __init__(self, urls: Sequence[str], media: Sequence[str], caption: str, label: str,
+                 skipped: Callable[[str], None]) -> None:
+        self.urls = list(urls)
+        self.media, self.caption, self.label = list(media), caption, label
+        threads = max(1, min(16, len(self.urls)))
+        with concurrent.futures.ThreadPoolExecutor(threads) as ex:  # header reads are I/O-bound
+            futures = [ex.submit(index_shard, u) for u in self.urls]
+        self.entries: list[ShardEntries] = []
+        for f in futures:
+            try:
+                entries, problem = f.result()
+            except ShardNotFound:
+                raise
+            except ShardError as err:  # a corrupt shard is reported and left out, like a corrupt member
+                entries, problem = [], str(err)
+            if problem:
+                skipped(problem)
+            self.entries.append(entries)
+        media_set = set(self.media)
+        shard_ix, entry_ix = [], []
+        for s, entries in enumerate(self.entries):
+            for e, (_, members) in enumerate(entries):
+                if media_set.intersection(members):
+                    shard_ix.append(s)
+                    entry_ix.append(e)
+        self.shard_ix = np.asarray(shard_ix, dtype=np.int64)
+        self.entry_ix = np.asarray(entry_ix, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.shard_ix)
+
+    def __getitem__(self, i: int) -> Ref:
+        s = int(self.shard_ix[i])
+        key, members = self.entries[s][int(self.entry_ix[i])]
+        ext = next(x for x in self.media if x in members)
+        parts = {"media": members[ext]}
+        for role, member_ext in (("caption", self.caption), ("label", self.label)):
+            if member_ext and member_ext in members:
+                parts[role] = members[member_ext]
+        return Ref(self.urls[s], key, ext, parts)
+
+
+def read_parts(ref: Ref) -> dict[str, bytes]:
+    """The bytes of a sample's members, each by one ranged read."""
+    fs, path = fsspec.core.url_to_fs(ref.url)
+    out = {}
+    for role, part in ref.parts.items():
+        try:
+            data = fs.cat_file(path, start=part.offset, end=part.offset + part.size)
+        except FileNotFoundError:
+            raise ShardError(f"{ref.name}: shard not found") from None
+        if len(data) != part.size:
+            raise ShardError(f"{ref.name}: truncated member ({role}: {len(data)} of {part.size} bytes)")
+        out[role] = data
+    return out
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def image_from_bytes(data: bytes, name: str) -> torch.Tensor:
+    """An encoded image as (3, H, W) in [-1, 1] (as :func:`image_impl.load_image`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from atoken_modalities.image_impl import ImageError, image_to_tensor
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image PIL can read") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(f"{name}: corrupt or truncated image: {err}") from None
+    return image_to_tensor(img, name)
+
+
+def video_from_bytes(data: bytes, name: str, ext: str, max_frames: int) -> torch.Tensor:
+    """An encoded video as (T, 3, H, W) in [-1, 1]; FFmpeg decodes files, so through a temp file."""
+    from atoken_modalities.video_impl import VideoError, load_video
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "clip." + ext)
+        with open(local, "wb") as f:
+            f.write(data)
+        try:
+            return load_video(local, max_frames)
+        except VideoError as err:
+            raise VideoError(str(err).replace(local, name)) from None
+
+
+def mesh_from_bytes(data: bytes, name: str, ext: str, colour_seed: int) -> Any:
+    """An encoded mesh (glb/obj/ply/...) as an :class:`objects_impl.Mesh` normalised into the unit
+    cube, with a synthetic colour field when it has no vertex colours (as ``prepare_mesh``)."""
+    import trimesh
+
+    from atoken_modalities.mesh_render import MeshError, check_mesh, colour_field, normalise
+    from atoken_modalities.objects_impl import Mesh
+
+    try:
+        mesh = trimesh.load(io.BytesIO(data), file_type=ext, force="mesh", process=False)
+    except Exception as err:  # trimesh raises many types for malformed files
+        raise MeshError(f"{name}: not a readable {ext} mesh ({type(err).__name__}: {err})") from None
+    if not isinstance(mesh, trimesh.Trimesh):
+        raise MeshError(f"{name}: holds no triangle mesh (got {type(mesh).__name__})")
+    vertices = torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float64).copy())
+    faces = torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64).copy())
+    check_mesh(vertices, faces, name)
+    vertices = normalise(vertices)
+    colors = None
+    if mesh.visual.kind == "vertex":
+        colors = torch.from_numpy(np.asarray(mesh.visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0)
+    if colors is None:
+        colors = colour_field(vertices, colour_seed)
+    return Mesh(name.rsplit("#", 1)[-1], vertices, faces, colors)
+
+
+def _pick(u: float, n: int) -> int:
+    """A uniform number in [0, 1) as one of ``n`` positions."""
+    return min(int(u * n), n - 1)
+
+
+def crop_sample(x: torch.Tensor, u: Sequence[float], crop: int, frames: int | None) -> torch.Tensor:
+    """The crop (and flip) a plan's uniform numbers choose, as a fresh tensor (so pickling it
+    does not carry the whole decoded sample)."""
+    if frames is not None:
+        start = _pick(u[0], x.shape[0] - frames + 1)
+        x = x[start : start + frames]
+    h, w = x.shape[-2:]
+    top, left = _pick(u[1], h - crop + 1), _pick(u[2], w - crop + 1)
+    x = x[..., top : top + crop, left : left + crop]
+    return x.flip(-1) if u[3] < 0.5 else x.clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _cameras(kind: str, n: int, radius: float, fov: float, size: int) -> Any:
+    from atoken_modalities.cameras import orbit_cameras, sphere_cameras
+
+    if kind == "ring":  # held-out views 25 degrees up, as packaged_meshes scores them
+        return orbit_cameras(n, radius, fov, size, elevation_deg=25.0)
+    return sphere_cameras(n, radius, fov, size)
+
+
+def decode(config: Any, mode: str, ref: Ref, blobs: Mapping[str, bytes], u: Sequence[float] | None) -> Any:
+    """One sample from its members' bytes. ``mode``: ``train`` (a crop chosen by ``u``; for 3D the
+    rotation), ``eval`` (native size; the first ``eval_frames`` frames; 3D scored on a ring of
+    held-out views) or ``pool`` (whole sample, resized as for training, for PCA; for 3D the
+    parsed mesh, only to check it)."""
+    media = blobs["media"]
+    if not media:
+        raise ShardError(f"{ref.name}: empty member (0 bytes)")
+    c = config
+    if c.modality == "image":
+        x = image_from_bytes(media, ref.name)
+        if mode == "eval":
+            return x
+        x = resize_within(x, min_side=c.crop)
+        return x if mode == "pool" else crop_sample(x, u, c.crop, None)
+    if c.modality == "video":
+        from atoken_modalities.video_impl import VideoError
+
+        clip = resize_within(video_from_bytes(media, ref.name, ref.ext, c.max_frames), max_side=c.max_side)
+        if mode == "eval":
+            return clip[: c.eval_frames].clone()
+        if clip.shape[0] < c.frames:
+            raise VideoError(f"{ref.name}: {clip.shape[0]} frames, shorter than a {c.frames}-frame crop")
+        clip = resize_within(clip, min_side=c.crop)
+        return clip if mode == "pool" else crop_sample(clip, u, c.crop, c.frames)
+    from atoken_modalities.objects_impl import make_asset, rotation_y
+
+    mesh = mesh_from_bytes(media, ref.name, ref.ext, c.colour_seed)
+    if mode == "pool":
+        return mesh  # (only checked: 3D has no PCA pool)
+    cameras = _cameras("sphere", c.views, c.radius, c.fov, c.size)
+    if mode == "eval":
+        return make_asset(mesh, cameras, c.resolution, _cameras("ring", c.eval_views, c.radius, c.fov, c.size))
+    if c.rotate:
+        mesh = mesh.rotated(rotation_y(u[4] * 2 * math.pi))
+    return make_asset(mesh, cameras, c.resolution)
+
+
+def _text(data: bytes | None) -> str | None:
+    return None if data is None else data.decode("utf-8", errors="replace").strip()
+
+
+def decode_ref(config: Any, mode: str, ref: Ref, blobs: Mapping[str, bytes] | None,
+               u: Sequence[float] | None) -> tuple[Any, ...]:
+    """Read (unless ``blobs`` are given) and decode one sample: ``("ok", sample, caption, label)``,
+    or ``("err", message)`` when bad data makes that impossible."""
+    try:
+        if blobs is None:
+            blobs = read_parts(ref)
+        sample = decode(config, mode, ref, blobs, u)
+    except DATA_ERRORS as err:
+        msg = str(err)
+        return ("err", msg if ref.name in msg else f"{ref.name}: {type(err).__name__}: {msg}")
+    return ("ok", sample, _text(blobs.get("caption")), _text(blobs.get("label")))
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one core per worker; the pool provides the parallelism
+
+
+def _decode_in_worker(*args: Any) -> bytes:
+    # Pickled here, by value: tensors do not travel as shared-memory handles (no file descriptor
+    # per tensor, nothing for the worker to keep alive), and an image or clip goes as a numpy
+    # array, which pickles ~10x faster than a torch tensor.
+    result = decode_ref(*args)
+    if result[0] == "ok" and torch.is_tensor(result[1]):
+        result = ("ok", result[1].numpy(), *result[2:])
+    return pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class _Deferred:
+    """A future for ``workers = 0``: the work runs in-process when its result is asked for."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+
+    def result(self) -> Any:
+        return self.fn()
+
+    def cancel(self) -> bool:
+        return True
+
+
+# ----------------------------------------------------------------------------- the source
+
+
+@attrs.define
+class _Pending:
+    """A batch being decoded: its plans, their futures, and a private generator advanced past
+    the plans drawn so far (replacements are drawn from it)."""
+
+    generator: torch.Generator
+    plans: list[tuple[int, list[float]]]
+    futures: list[Any]
+
+
+def _state_key(batch_size: int, state: torch.Tensor) -> tuple[int, bytes]:
+    return batch_size, hashlib.blake2b(state.numpy().tobytes(), digest_size=16).digest()
+
+
+class TarShards(DataSource):
+    """Samples of one modality from WebDataset-style tar shards (see the module docstring).
+
+    ``n_skipped`` counts unreadable samples (and shards), each once; ``skipped`` keeps the first
+    messages; ``labels`` maps held-out sample names to their class labels (after
+    :meth:`eval_samples`); ``prefetch_hits`` counts batches found already decoding."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.n_skipped, self.skipped = 0, []
+        self.labels: dict[str, str] = {}
+        self.prefetch_hits = 0
+        self._bad: set[int] = set()
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pending: OrderedDict[tuple[int, bytes], _Pending] = OrderedDict()
+        self._evals: list[tuple[str, Any]] | None = None
+        c = config
+        self.index = ShardIndex(resolve_shards(c.shards), c.media, c.caption, c.label, self._report)
+        self.eval_index = ShardIndex(resolve_shards(c.eval_shards), c.media, c.caption, c.label, self._report)
+        for what, index in (("training", self.index), ("held-out", self.eval_index)):
+            if not index.urls:
+                raise ShardError(f"no {what} shards listed")
+            if not len(index):
+                raise ShardError(f"the {what} shards hold no sample with a {'/'.join(c.media)} member: "
+                                 f"{_names(index.urls)}" + self._first_errors())
+        self._probe()
+
+    # -------------------------------------------------------------- bookkeeping
+    def _report(self, message: str) -> None:
+        self.n_skipped += 1
+        if len(self.skipped) < KEEP_SKIPPED:
+            self.skipped.append(message)
+        if self.n_skipped <= KEEP_SKIPPED or math.log10(self.n_skipped).is_integer():
+            log.warning("tar_shards: skipped unreadable data (%d so far): %s", self.n_skipped, message)
+
+    def _first_errors(self) -> str:
+        return f"; first errors: {'; '.join(self.skipped[:3])}" if self.skipped else ""
+
+    def _nothing_decodes(self, what: str, urls: Sequence[str]) -> ShardError:
+        return ShardError(f"no {what} sample could be decoded as {self.config.modality} from the shards "
+                          f"{_names(urls)}" + self._first_errors())
+
+    def _probe(self) -> None:
+        """Fail now, not mid-run, when no training sample decodes: decode samples in order until one does."""
+        for i in range(len(self.index)):
+            result = decode_ref(self.config, "pool", self.index[i], None, None)
+            if result[0] == "ok":
+                return
+            self._bad.add(i)
+            self._report(result[1])
+        raise self._nothing_decodes("training", self.index.urls)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # -------------------------------------------------------------- workers
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor | None:
+        if self._pool is None and self.config.workers > 0:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                self.config.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (a later batch starts new ones)."""
+        self._cancel_pending()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _submit(self, ref: Ref, mode: str, u: Sequence[float] | None) -> Any:
+        pool = self._executor()
+        if pool is None:
+            return _Deferred(lambda: decode_ref(self.config, mode, ref, None, u))
+        blobs = None
+        if ref.url.startswith("memory://"):
+            # An in-memory filesystem lives in this process only: read here, decode there.
+            try:
+                blobs = read_parts(ref)
+            except DATA_ERRORS as err:
+                msg = str(err) if ref.name in str(err) else f"{ref.name}: cannot read: {err}"
+                return _Deferred(lambda: ("err", msg))
+        return pool.submit(_decode_in_worker, self.config, mode, ref, blobs, u)
+
+    def _result(self, future: Any) -> tuple[Any, ...]:
+        out = future.result()
+        if not isinstance(out, bytes):
+            return out
+        out = pickle.loads(out)
+        return ("ok", torch.from_numpy(out[1]), *out[2:]) if isinstance(out[1], np.ndarray) else out
+
+    def _decode_many(self, index: ShardIndex, indices: Iterable[int], mode: str) -> Iterator[tuple[int, tuple]]:
+        """(i, result) in order, with up to 4 jobs per worker in flight."""
+        window = max(1, 4 * self.config.workers)
+        queue: list[tuple[int, Any]] = []
+        for i in indices:
+            queue.append((i, self._submit(index[i], mode, None)))
+            if len(queue) >= window:
+                j, f = queue.pop(0)
+                yield j, self._result(f)
+        for j, f in queue:
+            yield j, self._result(f)
+
+    # -------------------------------------------------------------- batches
+    def _draw(self, generator: torch.Generator) -> tuple[int, list[float]]:
+        index = int(torch.randint(len(self.index), (1,), generator=generator))
+        return index, torch.rand(AUGMENT_DRAWS, generator=generator, dtype=torch.float64).tolist()
+
+    def _submit_plan(self, plan: tuple[int, list[float]]) -> Any:
+        if plan[0] in self._bad:  # known unreadable: same outcome as decoding it, without the work
+            return _Deferred(lambda: ("err", None))
+        return self._submit(self.index[plan[0]], "train", plan[1])
+
+    def _start(self, batch_size: int, state: torch.Tensor) -> _Pending:
+        generator = torch.Generator()
+        generator.set_state(state)
+        plans = [self._draw(generator) for _ in range(batch_size)]
+        return _Pending(generator, plans, [self._submit_plan(p) for p in plans])
+
+    def _finish(self, pending: _Pending) -> tuple[list[Any], list[str]]:
+        n = len(pending.plans)
+        samples: list[Any] = [None] * n
+        texts = [""] * n
+        waiting = list(range(n))
+        replaced = 0
+        while waiting:
+            failed = []
+            for pos in waiting:
+                result = self._result(pending.futures[pos])
+                if result[0] == "ok":
+                    samples[pos], texts[pos] = result[1], result[2] or ""
+                    continue
+                index = pending.plans[pos][0]
+                if index not in self._bad:
+                    self._bad.add(index)
+                    self._report(result[1])
+                failed.append(pos)
+            if failed and len(self._bad) >= len(self.index):
+                raise self._nothing_decodes("training", self.index.urls)
+            replaced += len(failed)
+            if replaced > max(1000, 20 * n):
+                raise ShardError(f"gave up on a batch of {n} after {replaced} unreadable draws: most samples of "
+                                 f"{_names(self.index.urls)} are unreadable" + self._first_errors())
+            for pos in failed:  # replacements in batch-position order, from the same generator
+                pending.plans[pos] = self._draw(pending.generator)
+                pending.futures[pos] = self._submit_plan(pending.plans[pos])
+            waiting = failed
+        return samples, texts
+
+    def _cancel_pending(self) -> None:
+        for pending in self._pending.values():
+            for f in pending.futures:
+                f.cancel()
+        self._pending.clear()
+
+    def prefetch(self, batch_size: int, generators: Iterable[torch.Generator]) -> None:
+        """Start decoding the batches that :meth:`train_batch` will be asked for with these
+        generators (their states are copied, not advanced). A no-op without workers."""
+        if self._executor() is None:
+            return
+        for g in generators:
+            state = g.get_state()
+            key = _state_key(batch_size, state)
+            if key not in self._pending:
+                self._pending[key] = self._start(batch_size, state)
+        while len(self._pending) > max(self.config.prefetch, 1) + 1:
+            _, stale = self._pending.popitem(last=False)
+            for f in stale.futures:
+                f.cancel()
+
+    def train_batch(self, batch_size: int, generator: torch.Generator) -> list[Any]:
+        return self.train_batch_texts(batch_size, generator)[0]
+
+    def train_batch_texts(self, batch_size: int, generator: torch.Generator) -> tuple[list[Any], list[str] | None]:
+        """``batch_size`` samples drawn with ``generator`` (left advanced past every draw,
+        replacements included) and their captions (None when the source has no caption key;
+        "" for a sample without a caption member)."""
+        state = generator.get_state()
+        pending = self._pending.pop(_state_key(batch_size, state), None)
+        if pending is None:
+            self._cancel_pending()  # the guesses were wrong: do not let them delay this batch
+            pending = self._start(batch_size, state)
+        else:
+            self.prefetch_hits += 1
+        samples, texts = self._finish(pending)
+        generator.set_state(pending.generator.get_state())
+        seed = generator.initial_seed()
+        if self.config.prefetch and self.config.workers and torch.equal(
+                state, torch.Generator().manual_seed(seed).get_state()):
+            # An untouched generator: the trainer's next steps are most likely the next seeds.
+            nxt = [torch.Generator().manual_seed((seed + i) % 2**64) for i in range(1, self.config.prefetch + 1)]
+            self.prefetch(batch_size, nxt)
+        return samples, (texts if self.config.caption else None)
+
+    # -------------------------------------------------------------- held out, PCA pool
+    def eval_samples(self) -> list[tuple[str, Any]]:
+        """Every decodable held-out sample at native size, named ``KEY.EXT`` (prefixed with the
+        shard's name where two shards share a key); their class labels land in ``labels``."""
+        if self._evals is None:
+            evals, seen = [], set()
+            for i, result in self._decode_many(self.eval_index, range(len(self.eval_index)), "eval"):
+                ref = self.eval_index[i]
+                if result[0] != "ok":
+                    self._report(result[1])
+                    continue
+                name = f"{ref.key.rsplit('/', 1)[-1]}.{ref.ext}"
+                if name in seen:
+                    name = f"{ref.url.rsplit('/', 1)[-1].rsplit('.', 1)[0]}-{name}"
+                seen.add(name)
+                evals.append((name, result[1]))
+                if result[3] is not None:
+                    self.labels[name] = result[3]
+            if not evals:
+                raise self._nothing_decodes("held-out", self.eval_index.urls)
+            self._evals = evals
+        return self._evals
+
+    def train_pool(self) -> Iterator[Any]:
+        """Every decodable training sample once, whole (resized as for training crops)."""
+        if self.config.modality == "3d":
+            raise NotImplementedError("3D assets have no PCA baseline (their tokens are back-projected view "
+                                      "patches, their outputs rendered views)")
+        for i, result in self._decode_many(self.index, (i for i in range(len(self.index)) if i not in self._bad),
+                                           "pool"):
+            if result[0] == "ok":
+                yield result[1]
+            elif i not in self._bad:
+                self._bad.add(i)
+                self._report(result[1])
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_shards(samples: Iterable[tuple[str, Mapping[str, bytes | str | int]]], pattern: str,
+                 per_shard: int) -> list[str]:
+    """Write WebDataset-style shards: each record ``(key, {ext: data})`` becomes members
+    ``KEY.EXT`` (str and int data are written as UTF-8 text), ``per_shard`` records per shard,
+    at ``pattern % shard_number`` (e.g. ``memory://data/train-%06d.tar``; any fsspec URL).
+    Returns the URLs written. Members carry mtime 0, so equal input gives byte-identical shards."""
+    if per_shard < 1:
+        raise ValueError(f"per_shard must be >= 1, got {per_shard}")
+    urls: list[str] = []
+    stream = iter(samples)
+    while True:
+        batch = [r for _, r in zip(range(per_shard), stream)]
+        if not batch:
+            return urls
+        url = pattern % len(urls)
+        with fsspec.open(url, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for key, members in batch:
+                if "." in key.rsplit("/", 1)[-1] or not key:
+                    raise ValueError(f"sample key {key!r}: keys must be non-empty with no dot in the file name")
+                for ext, data in members.items():
+                    raw = data if isinstance(data, bytes) else str(data).encode("utf-8")
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(raw), 0, 0o644
+                    tar.addfile(info, io.BytesIO(raw))
+        urls.append(url)
