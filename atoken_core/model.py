@@ -399,6 +399,8 @@ class AToken(nn.Module):
         grow = type(new) is type(old) and n >= k
         if grow:
             new.grow_from(old)
+        elif n == k:
+            new.convert_from(old)  # e.g. KL -> FSQ starts from the KL mean's projection
         self.bottleneck = new
         if n == k:
             return

@@ -87,6 +87,8 @@ class StageConfig:
     steps: int = doc("optimiser steps in this stage", validator=attrs.validators.ge(1))
     modalities: list[str] = doc("modalities trained in this stage (round-robin)", factory=lambda: ["image"])
     batch_size: int = doc("samples per modality per step", default=8, validator=attrs.validators.ge(1))
+    weights: dict[str, float] = doc("loss multiplier per modality in this stage's round robin (default 1 each), "
+                                    "e.g. {image = 1.0, video = 0.5}", factory=dict)
     lr: float | None = doc("overrides optim.lr for this stage", default=None)
     bottleneck: ComponentSpec | None = doc("overrides the recipe's bottleneck from this stage on", default=None)
     latent_dim: int | None = doc(
@@ -237,6 +239,9 @@ def validate(recipe: Recipe, registries: Registries) -> Recipe:
         for name in st.modalities:
             if name not in recipe.data:
                 problems.append(f"stage[{i}].modalities: {name!r} has no [data.{name}] table")
+        for name in st.weights:
+            if name not in st.modalities:
+                problems.append(f"stage[{i}].weights: {name!r} is not one of this stage's modalities {st.modalities}")
         if st.bottleneck is not None:
             _check_component(st.bottleneck, "bottleneck", f"stage[{i}].bottleneck", registries, problems)
     latent = recipe.model.latent_dim

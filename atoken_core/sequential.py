@@ -22,7 +22,7 @@ class Sequential(Curriculum):
                 StagePlan(
                     index=i, name=st.name, steps=st.steps, modalities=tuple(st.modalities),
                     batch_size=st.batch_size, lr=st.lr if st.lr is not None else recipe.optim.lr,
-                    bottleneck=bottleneck, latent_dim=latent_dim,
+                    bottleneck=bottleneck, latent_dim=latent_dim, weights=dict(st.weights),
                 )
             )
         return plans

@@ -296,3 +296,14 @@ def test_semantic_distillation_trains_w_s_from_a_teacher(tmp_path, cache):
     assert all("image/distill" in r and r["image/distill"] >= 0 for r in rows)
     tensors, _ = read_checkpoint(str(out / "checkpoints" / "step-000004.safetensors"))
     assert tensors["model.semantic_proj.weight"].shape == (64, 64)
+
+
+def test_stage_weight_scales_a_modalitys_loss(tmp_path, cache):
+    losses = []
+    for w in (1.0, 2.5):
+        out = tmp_path / f"w{w}"
+        atoken("run", TINY, "--out", str(out), "--no-progress",
+               *small(1, f"stage[0].weights={{image={w}}}", "eval.pca_baseline=false"), cache=cache)
+        (row,) = read_metrics(out / "metrics.jsonl")
+        losses.append(row["loss"])
+    assert losses[1] == pytest.approx(2.5 * losses[0], rel=1e-5)

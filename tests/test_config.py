@@ -161,3 +161,11 @@ def test_generic_loss_fields_are_checked_like_the_rest(registries):
         "loss[1].modalities: expected list[str], got 'image'"]
     assert problems_of(edited(loss__1__modalities='["image", 3]'), registries) == [
         "loss[1].modalities[1]: expected str, got 3"]
+
+
+def test_stage_weights_name_the_stages_modalities(registries):
+    data = copy.deepcopy(BASE)
+    data["stage"][0]["weights"] = {"video": 0.5}
+    assert problems_of(data, registries) == ["stage[0].weights: 'video' is not one of this stage's modalities ['image']"]
+    data["stage"][0]["weights"] = {"image": "half"}
+    assert problems_of(data, registries) == ["stage[0].weights.image: expected float, got 'half'"]

@@ -178,3 +178,28 @@ def test_growing_the_latent_keeps_reconstructions(registries, kind, params, old,
     out, _ = model(tokens)
     (out - torch.randn_like(out)).square().sum().backward()
     assert model.decoder_in.weight.grad[:, old:].abs().sum() > 0
+
+
+def test_kl_to_fsq_switch_quantises_the_learned_latent(registries):
+    # Stage 4 of the curriculum: FSQ takes over the KL mean's projection, so the decoder first
+    # sees a rounded version of the latent it was trained on, not a fresh random projection's.
+    torch.manual_seed(0)
+    model = make_model(registries, latent_dim=8).eval()
+    with torch.no_grad():
+        model.bottleneck.proj.weight.normal_(std=0.1)  # latents of order 1, like a trained model's
+    tokens = Sparse4D.cat(random_tokens([12], seed=1))
+    with torch.no_grad():
+        kl_latent = model.encode_latent(tokens)
+    fresh = fsq([7, 7], groups=4)
+    fresh.proj = torch.nn.Linear(model.flavor.width, 8)  # a fresh W_r of the model's width
+    converted = fsq([7, 7], groups=4)
+    converted.proj = torch.nn.Linear(model.flavor.width, 8)
+    assert converted.convert_from(model.bottleneck)
+    torch.testing.assert_close(converted.proj.weight, model.bottleneck.proj.weight[:8])
+    with torch.no_grad():
+        feats = model.encode(tokens)
+        err_converted = (converted(feats).latent - kl_latent).abs().mean()
+        err_fresh = (fresh(feats).latent - kl_latent).abs().mean()
+    assert err_converted < 0.5 * err_fresh
+    model.replace_bottleneck(converted)  # the model keeps the converted projection
+    assert model.bottleneck is converted

@@ -318,3 +318,30 @@ def test_posed_views_camera_count_mismatch_names_the_file(tmp_path):
     (folder / "transforms.json").write_text("{not json")
     with pytest.raises(ThreeDError, match="transforms.json: not valid JSON"):
         load_posed_views(str(folder), resolution=8)
+
+
+@given(st.permutations(["image", "video", "3d"]), st.integers(0, 2**31 - 1))
+def test_packing_images_videos_and_3d_leaves_each_sample_unchanged(registries, order, seed):
+    # Any order of one image, one video and one 3D asset in one packed batch: every sample's
+    # encoder output is what it gets alone (block-diagonal attention, zero-padded frame slots).
+    from atoken_modalities.image import ImageConfig
+    from atoken_modalities.image_impl import ImageModality
+    from atoken_modalities.video import VideoConfig
+    from atoken_modalities.video_impl import VideoModality
+
+    g = torch.Generator().manual_seed(seed)
+    model = make_model(registries).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.patch_embed.weight, std=0.05, generator=g)  # trained temporal weights
+    spec = model.spec
+    parts = {
+        "image": ImageModality(ImageConfig()).patchify([torch.rand(3, 12, 8, generator=g) * 2 - 1], spec).patches,
+        "video": VideoModality(VideoConfig()).patchify([torch.rand(3, 3, 8, 8, generator=g) * 2 - 1], spec).patches,
+        "3d": ThreeDModality(ThreeDConfig()).patchify([small_asset(views=2, size=16, resolution=6)], spec).patches,
+    }
+    samples = [parts[name] for name in order]
+    packed = Sparse4D.pack(samples)
+    with torch.no_grad():
+        together = model.encode(packed).split(packed.lengths.tolist())
+        for a, s in zip(together, samples):
+            torch.testing.assert_close(a, model.encode(s), atol=1e-5, rtol=1e-5)

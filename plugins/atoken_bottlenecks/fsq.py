@@ -73,6 +73,21 @@ class FSQBottleneck(Bottleneck):
         z = self.proj(features)
         return z if offset is None else z + offset
 
+    def latent_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.proj.weight, self.proj.bias
+
+    @torch.no_grad()
+    def convert_from(self, old: Bottleneck) -> bool:
+        """Take over a continuous bottleneck's latent projection (the paper's stage 4 quantises
+        the latent the earlier stages learned): near zero the squashing is close to the
+        identity, so the decoder first sees a rounded version of the latent it knows."""
+        proj = old.latent_projection()
+        if proj is None or proj[0].shape != self.proj.weight.shape:
+            return False
+        self.proj.weight.copy_(proj[0])
+        self.proj.bias.copy_(proj[1])
+        return True
+
     def forward(self, features: torch.Tensor, *, sample: bool = True,
                 offset: torch.Tensor | None = None) -> BottleneckOutput:
         latent = self.quantize(self.project(features, offset))

@@ -64,6 +64,9 @@ class KLBottleneck(Bottleneck):
         self.proj.weight[n : n + k].copy_(old.proj.weight[k:])  # log-variances
         self.proj.bias[n : n + k].copy_(old.proj.bias[k:])
 
+    def latent_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.proj.weight[: self.latent_dim], self.proj.bias[: self.latent_dim]
+
     def zero_init_projection(self) -> None:
         with torch.no_grad():  # the mean rows only: the logvar head keeps its configured start
             self.proj.weight[: self.latent_dim].zero_()
