@@ -45,16 +45,21 @@ def load_image(path: str) -> torch.Tensor:
         raise ImageError(f"{path}: is a directory, not an image file") from None
     except OSError as err:
         raise ImageError(f"{path}: cannot read: {err}") from None
+    return image_from_bytes(data, path)
+
+
+def image_from_bytes(data: bytes, name: str) -> torch.Tensor:
+    """An encoded image (png/jpeg/...) as (3, H, W) in [-1, 1]; errors name ``name``."""
     if not data:
-        raise ImageError(f"{path}: file is empty (0 bytes)")
+        raise ImageError(f"{name}: file is empty (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file PIL can read") from None
+        raise ImageError(f"{name}: not an image file PIL can read") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageError(f"{path}: corrupt or truncated image: {err}") from None
-    return image_to_tensor(img, path)
+        raise ImageError(f"{name}: corrupt or truncated image: {err}") from None
+    return image_to_tensor(img, name)
 
 
 def tensor_to_image(x_chw: torch.Tensor) -> Image.Image:

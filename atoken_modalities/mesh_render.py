@@ -30,8 +30,6 @@ def load_mesh(uri: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
     """Read a mesh file (obj/ply/glb/off/stl; local path or fsspec URI) into float64 vertices
     (N, 3), int64 faces (F, 3) and vertex colours (N, 3) in [0, 1] when the file has them.
     Scenes (glb) are merged into one mesh. Every failure is a :class:`MeshError` naming the file."""
-    import trimesh
-
     suffix = os.path.splitext(uri.split("?")[0])[1].lower()
     if suffix not in MESH_SUFFIXES:
         raise MeshError(f"{uri}: unsupported mesh format {suffix!r} (expected one of {', '.join(MESH_SUFFIXES)})")
@@ -42,23 +40,32 @@ def load_mesh(uri: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
         raise MeshError(f"{uri}: file not found") from None
     except OSError as err:
         raise MeshError(f"{uri}: cannot read: {err}") from None
-    if not data:
-        raise MeshError(f"{uri}: file is empty (0 bytes)")
-    try:
-        import io
+    return mesh_from_bytes(data, uri, suffix)
 
-        mesh = trimesh.load(io.BytesIO(data), file_type=suffix[1:], force="mesh", process=False)
+
+def mesh_from_bytes(data: bytes, name: str, suffix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """An encoded mesh (``suffix`` like '.glb') as checked vertices, faces and vertex colours
+    (None when it has none); errors name ``name``."""
+    import io
+
+    import trimesh
+
+    ext = suffix.lstrip(".")
+    if not data:
+        raise MeshError(f"{name}: file is empty (0 bytes)")
+    try:
+        mesh = trimesh.load(io.BytesIO(data), file_type=ext, force="mesh", process=False)
     except Exception as err:  # trimesh raises many types for malformed files
-        raise MeshError(f"{uri}: not a readable {suffix[1:]} mesh ({type(err).__name__}: {err})") from None
+        raise MeshError(f"{name}: not a readable {ext} mesh ({type(err).__name__}: {err})") from None
     if not isinstance(mesh, trimesh.Trimesh):
-        raise MeshError(f"{uri}: holds no triangle mesh (got {type(mesh).__name__})")
+        raise MeshError(f"{name}: holds no triangle mesh (got {type(mesh).__name__})")
     vertices = torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float64).copy())
     faces = torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64).copy())
     colors = None
     if mesh.visual.kind == "vertex":
         rgba = np.asarray(mesh.visual.vertex_colors, dtype=np.float64)
         colors = torch.from_numpy(rgba[:, :3] / 255.0)
-    check_mesh(vertices, faces, uri)
+    check_mesh(vertices, faces, name)
     return vertices, faces, colors
 
 

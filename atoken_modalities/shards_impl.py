@@ -30,11 +30,9 @@ import io
 import logging
 import math
 import multiprocessing
-import os
 import pickle
 import re
 import tarfile
-import tempfile
 import threading
 import weakref
 from collections import OrderedDict
@@ -49,6 +47,8 @@ import torch
 from atoken_core.imaging import resize_within
 from atoken_core.interfaces import DataSource
 from atoken_core.io import url_of
+from atoken_modalities.image_impl import image_from_bytes
+from atoken_modalities.video_impl import video_from_bytes
 
 log = logging.getLogger(__name__)
 
@@ -268,57 +268,15 @@ def read_parts(ref: Ref) -> dict[str, bytes]:
 # ----------------------------------------------------------------------------- decoding
 
 
-def image_from_bytes(data: bytes, name: str) -> torch.Tensor:
-    """An encoded image as (3, H, W) in [-1, 1] (as :func:`image_impl.load_image`)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from atoken_modalities.image_impl import ImageError, image_to_tensor
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image PIL can read") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageError(f"{name}: corrupt or truncated image: {err}") from None
-    return image_to_tensor(img, name)
-
-
-def video_from_bytes(data: bytes, name: str, ext: str, max_frames: int) -> torch.Tensor:
-    """An encoded video as (T, 3, H, W) in [-1, 1]; FFmpeg decodes files, so through a temp file."""
-    from atoken_modalities.video_impl import VideoError, load_video
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "clip." + ext)
-        with open(local, "wb") as f:
-            f.write(data)
-        try:
-            return load_video(local, max_frames)
-        except VideoError as err:
-            raise VideoError(str(err).replace(local, name)) from None
-
-
 def mesh_from_bytes(data: bytes, name: str, ext: str, colour_seed: int) -> Any:
-    """An encoded mesh (glb/obj/ply/...) as an :class:`objects_impl.Mesh` normalised into the unit
-    cube, with a synthetic colour field when it has no vertex colours (as ``prepare_mesh``)."""
-    import trimesh
-
-    from atoken_modalities.mesh_render import MeshError, check_mesh, colour_field, normalise
+    """An encoded mesh as an :class:`objects_impl.Mesh` normalised into the unit cube, with the
+    synthetic colour field when it has no vertex colours (as ``prepare_mesh``)."""
+    from atoken_modalities.mesh_render import colour_field, normalise
+    from atoken_modalities.mesh_render import mesh_from_bytes as decode_mesh
     from atoken_modalities.objects_impl import Mesh
 
-    try:
-        mesh = trimesh.load(io.BytesIO(data), file_type=ext, force="mesh", process=False)
-    except Exception as err:  # trimesh raises many types for malformed files
-        raise MeshError(f"{name}: not a readable {ext} mesh ({type(err).__name__}: {err})") from None
-    if not isinstance(mesh, trimesh.Trimesh):
-        raise MeshError(f"{name}: holds no triangle mesh (got {type(mesh).__name__})")
-    vertices = torch.from_numpy(np.asarray(mesh.vertices, dtype=np.float64).copy())
-    faces = torch.from_numpy(np.asarray(mesh.faces, dtype=np.int64).copy())
-    check_mesh(vertices, faces, name)
+    vertices, faces, colors = decode_mesh(data, name, ext)
     vertices = normalise(vertices)
-    colors = None
-    if mesh.visual.kind == "vertex":
-        colors = torch.from_numpy(np.asarray(mesh.visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0)
     if colors is None:
         colors = colour_field(vertices, colour_seed)
     return Mesh(name.rsplit("#", 1)[-1], vertices, faces, colors)
@@ -360,7 +318,7 @@ def decode(config: Any, mode: str, ref: Ref, blobs: Mapping[str, bytes], u: Sequ
         raise ShardError(f"{ref.name}: empty member (0 bytes)")
     c = config
     if c.modality == "image":
-        x = image_from_bytes(media, ref.name)
+        x = image_from_bytes(media, ref.name)  # atoken_modalities.image_impl
         if mode == "eval":
             return x
         x = resize_within(x, min_side=c.crop)

@@ -164,8 +164,6 @@ def load_video(path: str, max_frames: int | None = None) -> torch.Tensor:
 
 def _load_remote_video(url: str, max_frames: int | None) -> torch.Tensor:
     """FFmpeg decodes local files: copy a remote one (s3://, memory://, ...) to a temporary file."""
-    import tempfile
-
     import fsspec
 
     try:
@@ -175,15 +173,22 @@ def _load_remote_video(url: str, max_frames: int | None) -> torch.Tensor:
         raise VideoError(f"{url}: file not found") from None
     except OSError as err:
         raise VideoError(f"{url}: cannot read: {err}") from None
-    suffix = os.path.splitext(url)[1]
+    return video_from_bytes(data, url, os.path.splitext(url)[1], max_frames)
+
+
+def video_from_bytes(data: bytes, name: str, suffix: str, max_frames: int | None = None) -> torch.Tensor:
+    """An encoded video (``suffix`` like '.mp4') as (T, 3, H, W) in [-1, 1]. FFmpeg decodes files,
+    so the bytes go through a temporary one; errors name ``name``."""
+    import tempfile
+
     with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, "video" + suffix)
+        local = os.path.join(tmp, "video." + suffix.lstrip("."))
         with open(local, "wb") as f:
             f.write(data)
         try:
             return load_video(local, max_frames)
         except VideoError as err:
-            raise VideoError(str(err).replace(local, url)) from None
+            raise VideoError(str(err).replace(local, name)) from None
 
 
 def save_video(frames: torch.Tensor, path: str, fps: float = 25, crf: int = 18) -> None:
