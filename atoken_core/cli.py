@@ -216,13 +216,18 @@ def cmd_import_siglip2(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from atoken_core.eval_run import run_eval
+    from atoken_core.eval_run import EvalOptions, run_eval
 
-    report = run_eval(args.ckpt, args.data, args.out, _registries(), metrics=args.metrics.split(","),
-                      max_side=args.max_side, lpips_weights=args.lpips_weights,
-                      inception_weights=args.inception_weights, progress=not args.no_progress)
+    options = EvalOptions(
+        modality=args.modality, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+        max_side=args.max_side, max_frames=args.max_frames, lpips_weights=args.lpips_weights,
+        inception_weights=args.inception_weights, i3d_weights=args.i3d_weights, teacher=args.teacher,
+        prompt=args.prompt, seed=args.seed, probe_test_fraction=args.probe_test_fraction,
+        heldout_views=args.heldout_views, progress=not args.no_progress)
+    report = run_eval(args.ckpt, args.data, args.out, _registries(), options)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items() if isinstance(v, float))
-    print(f"{args.data}: {report['n_samples']} images ({report['n_skipped']} skipped): {shown} -> {args.out}")
+    kind = {"image": "images", "video": "clips", "3d": "assets"}[args.modality]
+    print(f"{args.data}: {report['n_samples']} {kind} ({report['n_skipped']} skipped): {shown} -> {args.out}")
     return 0
 
 
@@ -256,14 +261,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("eval", help="reconstruction metrics of a checkpoint on a folder of images")
+    p = sub.add_parser("eval", help="reconstruction and understanding metrics of a checkpoint on images, videos or 3D assets",
+                       description="Metrics per modality: image: psnr ssim lpips rfid codebook zeroshot retrieval probe; "
+                                   "video: psnr ssim lpips rfvd codebook zeroshot retrieval probe; 3d: psnr ssim lpips "
+                                   "codebook. zeroshot and probe read classes from DATA/CLASS/FILE; retrieval reads "
+                                   "captions from DATA/captions.json {file: caption} or STEM.txt beside each file.")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", required=True, help="folder of images (fsspec path or URI)")
-    p.add_argument("--out", required=True, help="folder for eval.json, report.md and grid.png")
-    p.add_argument("--metrics", default="psnr,ssim,lpips", help="comma-separated: psnr, ssim, lpips, rfid, codebook")
-    p.add_argument("--max-side", type=int, default=512, help="downscale so the longer side is at most this")
+    p.add_argument("--data", required=True,
+                   help="folder (fsspec path or URI) of images, videos, or 3D assets (posed-views folders with "
+                        "transforms.json, mesh files); sklearn://digits[?size=32&per_class=N] is scikit-learn's "
+                        "1797 labelled 8x8 digits as DATA/CLASS images (no download)")
+    p.add_argument("--out", required=True, help="folder for eval.json, report.md and the figures")
+    p.add_argument("--modality", default="image", choices=["image", "video", "3d"], help="what --data holds (default: image)")
+    p.add_argument("--metrics", default="psnr,ssim,lpips", help="comma-separated (see above; default: psnr,ssim,lpips)")
+    p.add_argument("--max-side", type=int, default=512, help="downscale images and frames so the longer side is at most this")
+    p.add_argument("--max-frames", type=int, default=16, help="video: frames read from the start of each clip (default 16)")
     p.add_argument("--lpips-weights", default="auto", help="VGG16 weights for LPIPS (default: converted cache)")
     p.add_argument("--inception-weights", help="safetensors of torchvision's inception_v3 state dict (for rfid)")
+    p.add_argument("--i3d-weights", help="TorchScript video network for rfvd, called like StyleGAN-V's "
+                                         "i3d_torchscript.pt (local path or fsspec URI; nothing is downloaded)")
+    p.add_argument("--teacher", help="text tower for zeroshot/retrieval: random | siglip2:PATH "
+                                     "(default: the teacher of the checkpoint's recipe)")
+    p.add_argument("--prompt", help="zero-shot prompt template with {} for the class name "
+                                    "(default: 'a photo of a {}.'; video: 'a video of a {}.')")
+    p.add_argument("--seed", type=int, default=0, help="seed of the linear probe's stratified train/test split")
+    p.add_argument("--probe-test-fraction", type=float, default=0.25, help="share of samples the probe is tested on")
+    p.add_argument("--heldout-views", type=int,
+                   help="3d: views each asset is scored on (posed views: its last N; meshes: a ring of N new cameras); "
+                        "default: the recipe's eval_views")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 

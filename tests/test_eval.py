@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,24 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_cli import TINY, atoken, small
 
-from atoken_core.metrics import codebook_usage, frechet_distance
+from atoken_core.metrics import codebook_usage, feature_stats, frechet_distance, frechet_distance_features
 from atoken_modalities.photos_impl import resolve_package_path
+
+
+def make_checkpoint(path: Path, recipe_file: str, overrides: list[str], seed: int = 0) -> str:
+    """A freshly initialised model of ``recipe_file`` (with ``overrides``) saved as a step-0
+    checkpoint, as the trainer saves one: no training, real weights, real recipe metadata."""
+    from atoken_core.build import build_model
+    from atoken_core.checkpoint import save_checkpoint
+    from atoken_core.plugin_manager import get_registries
+    from atoken_core.recipe import load_recipe, recipe_to_dict
+
+    registries = get_registries()
+    recipe = load_recipe(recipe_file, registries, overrides)
+    torch.manual_seed(seed)
+    model = build_model(recipe, registries)
+    save_checkpoint(str(path), model, recipe=recipe_to_dict(recipe), step=0, stage=0)
+    return str(path)
 
 
 def test_frechet_distance_diagonal_closed_form():
@@ -35,6 +52,25 @@ def test_frechet_distance_full_covariances_via_eigenvalues():
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("n1,n2,d", [(40, 50, 6), (3, 5, 64), (7, 4, 20)])
+def test_frechet_distance_features_matches_scipy_sqrtm(n1, n2, d):
+    # Few samples in many dimensions (the eval case): exact via singular values, checked against
+    # the eigenvalue formula and scipy's sqrtm on the full covariances.
+    from scipy import linalg
+
+    rng = np.random.default_rng(n1 * d)
+    a, b = rng.normal(size=(n1, d)), rng.normal(size=(n2, d)) * 1.5 + 0.3
+    (mu1, s1), (mu2, s2) = feature_stats(a), feature_stats(b)
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
+    eig = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+    got = frechet_distance_features(a, b)
+    assert got == pytest.approx(eig, rel=1e-6) and got == pytest.approx(ref, rel=1e-4)
+    assert frechet_distance_features(a, a) == pytest.approx(0, abs=1e-8)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        frechet_distance_features(a[:1], b)
 
 
 def test_codebook_usage():
@@ -66,7 +102,9 @@ def folder(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_eval_writes_report_and_reruns_identically(fsq_checkpoint, folder, tmp_path):
+def test_eval_writes_report_and_reruns_identically(fsq_checkpoint, folder, tmp_path, monkeypatch):
+    from atoken_core.cli import main
+
     ckpt, cache = fsq_checkpoint
     import torchvision
 
@@ -76,13 +114,15 @@ def test_eval_writes_report_and_reruns_identically(fsq_checkpoint, folder, tmp_p
     save_file({k: v.contiguous() for k, v in inception.state_dict().items()}, str(weights))
     args = ["eval", "--ckpt", ckpt, "--data", str(folder), "--metrics", "psnr,ssim,lpips,codebook,rfid",
             "--inception-weights", str(weights), "--max-side", "64", "--no-progress"]
-    atoken(*args, "--out", str(tmp_path / "a"), cache=cache)
-    atoken(*args, "--out", str(tmp_path / "b"), cache=cache)
+    atoken(*args, "--out", str(tmp_path / "a"), cache=cache)  # the real command, in its own process
+    monkeypatch.setenv("ATOKEN_CACHE", str(cache))
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0  # again, in this process
     a = json.loads((tmp_path / "a" / "eval.json").read_text())
     b = json.loads((tmp_path / "b" / "eval.json").read_text())
     assert a == b, "same checkpoint, data and settings must give identical numbers"
     assert a["n_samples"] == 3 and a["n_skipped"] == 1 and "notes.png" in a["skipped_first"][0]
-    assert set(a["per_image"]["coffee.png"]) == {"psnr", "ssim", "lpips"}
+    assert a["modality"] == "image" and a["shapes"]["coffee.png"] == [3, 43, 64]
+    assert set(a["per_sample"]["coffee.png"]) == {"psnr", "ssim", "lpips"}
     assert a["metrics"]["codebook"]["codebook_size"] == 20 and 0 < a["metrics"]["codebook"]["utilisation"] <= 1
     assert np.isfinite(a["metrics"]["rfid"]) and a["metrics"]["rfid"] >= 0
     assert a["settings"]["rfid"]["weights"] == str(weights)
@@ -91,8 +131,11 @@ def test_eval_writes_report_and_reruns_identically(fsq_checkpoint, folder, tmp_p
 
 
 @pytest.mark.slow
-def test_eval_errors_are_clear(fsq_checkpoint, folder, tmp_path):
+def test_eval_errors_are_clear(fsq_checkpoint, folder, tmp_path, capsys, monkeypatch):
+    from atoken_core.cli import main
+
     ckpt, cache = fsq_checkpoint
+    monkeypatch.setenv("ATOKEN_CACHE", str(cache))
     empty = tmp_path / "empty"
     empty.mkdir()
     cases = [
@@ -101,10 +144,14 @@ def test_eval_errors_are_clear(fsq_checkpoint, folder, tmp_path):
         (["--data", str(empty)], f"{empty}: no readable images"),
         (["--data", str(folder), "--metrics", "rfid", "--inception-weights", str(tmp_path / "none.safetensors")],
          "Inception-v3 weights not found"),
+        (["--data", str(folder), "--max-frames", "0"], "--max-frames must be >= 1, got 0"),
+        (["--data", "sklearn://digits", "--modality", "video"], "digits are images; use --modality image"),
     ]
-    for extra, message in cases:
-        proc = atoken("eval", "--ckpt", ckpt, "--out", str(tmp_path / "o"), "--no-progress", *extra, cache=cache,
-                      check=False)
-        assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr[-500:])
-        assert "Traceback" not in proc.stderr
+    for extra, message in cases:  # main() is the command line's own entry point: one line on stderr, exit 1
+        assert main(["eval", "--ckpt", ckpt, "--out", str(tmp_path / "o"), "--no-progress", *extra]) == 1, extra
+        err = capsys.readouterr().err
+        assert err.startswith("atoken: error: ") and message in err, (extra, err[-500:])
+    proc = atoken("eval", "--ckpt", ckpt, "--out", str(tmp_path / "o"), "--data", str(folder), "--metrics", "rfid",
+                  cache=cache, check=False)  # and once through a real process
+    assert proc.returncode == 1 and "needs --inception-weights" in proc.stderr and "Traceback" not in proc.stderr
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
