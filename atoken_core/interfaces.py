@@ -181,7 +181,16 @@ class Curriculum(abc.ABC):
 
 
 class DataSource(abc.ABC):
-    """Training and held-out samples for one modality."""
+    """Training and held-out samples for one modality.
+
+    Sources that skip unreadable samples keep one message per skip in ``skipped`` (and may
+    count more than they keep in ``n_skipped``); runs report both."""
+
+    skipped: Sequence[str] = ()
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
 
     @abc.abstractmethod
     def train_batch(self, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -621,6 +621,9 @@ class Run:
             "nonfinite_steps": extra["nonfinite_steps"],
             "params": self.model.num_params(),
             "export": export,
+            # unreadable samples each data source skipped (counted; the first few named)
+            "data": {name: {"n_skipped": src.n_skipped, "skipped_first": list(src.skipped[:5])}
+                     for name, src in self.data.items()},
         }
         if self.env.is_main:
             with self.fs.open(f"{self.out_path}/eval.json", "w") as f:

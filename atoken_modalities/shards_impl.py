@@ -417,7 +417,7 @@ class TarShards(DataSource):
 
     def __init__(self, config: Any) -> None:
         self.config = config
-        self.n_skipped, self.skipped = 0, []
+        self._skip_count, self.skipped = 0, []
         self.labels: dict[str, str] = {}
         self.prefetch_hits = 0
         self._bad: set[int] = set()
@@ -436,12 +436,16 @@ class TarShards(DataSource):
         self._probe()
 
     # -------------------------------------------------------------- bookkeeping
+    @property
+    def n_skipped(self) -> int:
+        return self._skip_count
+
     def _report(self, message: str) -> None:
-        self.n_skipped += 1
+        self._skip_count += 1
         if len(self.skipped) < KEEP_SKIPPED:
             self.skipped.append(message)
-        if self.n_skipped <= KEEP_SKIPPED or math.log10(self.n_skipped).is_integer():
-            log.warning("tar_shards: skipped unreadable data (%d so far): %s", self.n_skipped, message)
+        if self._skip_count <= KEEP_SKIPPED or math.log10(self._skip_count).is_integer():
+            log.warning("tar_shards: skipped unreadable data (%d so far): %s", self._skip_count, message)
 
     def _first_errors(self) -> str:
         return f"; first errors: {'; '.join(self.skipped[:3])}" if self.skipped else ""

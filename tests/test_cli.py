@@ -307,3 +307,20 @@ def test_stage_weight_scales_a_modalitys_loss(tmp_path, cache):
         (row,) = read_metrics(out / "metrics.jsonl")
         losses.append(row["loss"])
     assert losses[1] == pytest.approx(2.5 * losses[0], rel=1e-5)
+
+
+def test_run_report_counts_skipped_files(tmp_path, cache):
+    import numpy as np
+
+    for split, n in (("train", 3), ("eval", 1)):
+        (tmp_path / split).mkdir()
+        for i in range(n):
+            Image.fromarray((np.random.default_rng(i).random((40, 48, 3)) * 255).astype("uint8")).save(
+                tmp_path / split / f"{i}.png")
+    (tmp_path / "train" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    folder = f'data.image={{kind="image_folder", root="{tmp_path / "train"}", eval_root="{tmp_path / "eval"}", crop=32}}'
+    atoken("run", TINY, "--out", str(out), "--no-progress", *small(1, folder, "eval.pca_baseline=false"), cache=cache)
+    report = json.loads((out / "eval.json").read_text())
+    assert report["data"]["image"]["n_skipped"] == 1
+    assert "broken.png" in report["data"]["image"]["skipped_first"][0]

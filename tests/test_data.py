@@ -108,3 +108,4 @@ def test_patchify_rejects_bad_tensors(tensor, message):
 def test_directory_is_not_an_image(tmp_path):
     with pytest.raises(ImageError, match="is a directory"):
         load_image(str(tmp_path))
+
