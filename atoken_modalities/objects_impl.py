@@ -292,15 +292,23 @@ class MeshSource(DataSource):
 
     def train_batch_texts(self, batch_size: int, generator: torch.Generator) -> tuple[list[Asset3D], list[str]]:
         """Assets with weak captions from their file names ('a 3D model of airplane')."""
+        return self.train_batch_part(batch_size, generator, 0, 1)
+
+    def train_batch_part(self, batch_size: int, generator: torch.Generator, rank: int,
+                         world: int) -> tuple[list[Asset3D], list[str]]:
+        """Every rank draws the whole batch's meshes and rotations (the same random numbers) but
+        renders only its own samples ``rank::world``: rendering is the costly part."""
         from atoken_modalities.photos_impl import caption_from_name
 
         out, texts = [], []
-        for _ in range(batch_size):
+        for i in range(batch_size):
             mesh = self.train[int(torch.randint(len(self.train), (1,), generator=generator))]
+            angle = float(torch.rand((), generator=generator)) * 2 * math.pi if self.config.rotate else 0.0
+            if i % world != rank:
+                continue
             texts.append(caption_from_name("a 3D model of", mesh.name))
-            if self.config.rotate:
-                mesh = mesh.rotated(rotation_y(float(torch.rand((), generator=generator)) * 2 * math.pi))
-            out.append(make_asset(mesh, self.cameras, self.config.resolution))
+            out.append(make_asset(mesh.rotated(rotation_y(angle)) if self.config.rotate else mesh,
+                                  self.cameras, self.config.resolution))
         return out, texts
 
     def eval_samples(self) -> list[tuple[str, Asset3D]]:

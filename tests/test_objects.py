@@ -345,3 +345,15 @@ def test_packing_images_videos_and_3d_leaves_each_sample_unchanged(registries, o
         together = model.encode(packed).split(packed.lengths.tolist())
         for a, s in zip(together, samples):
             torch.testing.assert_close(a, model.encode(s), atol=1e-5, rtol=1e-5)
+
+
+def test_mesh_source_ranks_render_only_their_slice_of_the_same_batch():
+    source = MeshSource(MeshSourceConfig(train=["primitive://box", "primitive://cone", "primitive://torus"],
+                                         eval=["primitive://icosphere"], resolution=6, views=2, size=16))
+    whole, texts = source.train_batch_texts(4, torch.Generator().manual_seed(3))
+    for rank in (0, 1):
+        part, part_texts = source.train_batch_part(4, torch.Generator().manual_seed(3), rank, 2)
+        assert part_texts == texts[rank::2]
+        for a, b in zip(part, whole[rank::2]):
+            torch.testing.assert_close(a.views, b.views)
+            assert torch.equal(a.voxels, b.voxels)
