@@ -111,8 +111,12 @@ def gaussians_from_raw(raw_lkp: torch.Tensor, centres_l3: torch.Tensor, voxel_si
     # The paper's x = p + tanh(o) in voxel units: a Gaussian can never leave its voxel's
     # neighbourhood, so the sparse structure the encoder saw stays where the decoder draws.
     means = centres_l3[:, None, :].to(raw.dtype) + voxel_size * torch.tanh(offset)
+    # Log-scale squashed smoothly into the allowed range (a sigmoid, not a clamp): a clamp's zero
+    # gradient would leave a Gaussian that once shrank to the floor stuck there as a dot.
     lo, hi = (math.log(s) for s in SCALE_RANGE_VOXELS)
-    scales = voxel_size * torch.exp((scale + math.log(SCALE_INIT_VOXELS)).clamp(lo, hi))
+    at_init = (math.log(SCALE_INIT_VOXELS) - lo) / (hi - lo)
+    log_scale = lo + (hi - lo) * torch.sigmoid(scale + math.log(at_init / (1 - at_init)))
+    scales = voxel_size * torch.exp(log_scale)
     # Raw 0 is the identity rotation. Dividing by the largest component first keeps the squares in
     # the norm from overflowing on extreme inputs; an all-zero quaternion falls back to identity.
     identity = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=raw.dtype, device=raw.device)
