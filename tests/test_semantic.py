@@ -105,7 +105,7 @@ def test_sigmoid_module_owns_t_and_b_and_reads_semantic_and_texts():
     loss = SigmoidLoss(SigmoidConfig(**RANDOM))
     assert dict(loss.named_parameters()).keys() == {"log_t", "bias"}
     assert set(loss.state_dict()) == {"log_t", "bias"}  # the teacher is not part of the loss's state
-    assert float(loss.log_t) == pytest.approx(math.log(10.0)) and float(loss.bias) == -10.0
+    assert loss.log_t.item() == pytest.approx(math.log(10.0)) and loss.bias.item() == -10.0
     texts = ["a cat", "a dog", "a car"]
     semantic = torch.randn(3, DIM, requires_grad=True)
     out = loss(loss_inputs(torch.zeros(3, 3, 8, 8), semantic=semantic, texts=texts))["sigmoid"]
