@@ -158,8 +158,9 @@ class ThreeDModality(Modality):
 
     def save_reconstruction(self, recon: Sparse4D, meta: list[dict[str, Any]], spec: PatchSpec,
                             prefix: str) -> list[str]:
-        """The decoded asset as a standard 3D Gaussian Splatting .ply (opens in SuperSplat and
-        the INRIA viewer) and a PNG turntable of 8 views around it."""
+        """The decoded asset as a .ply in the standard 3D Gaussian Splatting layout (the one the
+        INRIA code and SuperSplat read; not yet opened in either here) and a PNG turntable of
+        8 views around it."""
         from atoken_modalities.gaussians import save_ply, turntable
         from atoken_modalities.video_impl import save_frame_strip
 
