@@ -55,6 +55,19 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def read_input(path: str, error: type[Exception]) -> bytes:
+    """The bytes of an input file at any fsspec path; a missing or unreadable file raises
+    ``error`` (the modality's own error type) with a message that names it."""
+    try:
+        return read_bytes(path)
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a file") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read: {err}") from None
+
+
 def read_safetensors(path: str) -> tuple[dict, dict[str, str]]:
     """(tensors, string metadata) of a safetensors file at any fsspec path. A missing file raises
     FileNotFoundError; anything that is not valid safetensors raises ValueError naming the file."""

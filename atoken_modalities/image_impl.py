@@ -15,6 +15,7 @@ from einops import rearrange
 from PIL import Image, UnidentifiedImageError
 
 from atoken_core.interfaces import Modality, PatchSpec, Tokens
+from atoken_core.io import read_input
 from atoken_core.sparse import Sparse4D
 
 
@@ -36,16 +37,7 @@ def image_to_tensor(img: Image.Image, source: str) -> torch.Tensor:
 
 def load_image(path: str) -> torch.Tensor:
     """Read an image file (any fsspec path) as a (3, H, W) float tensor in [-1, 1]."""
-    try:
-        with fsspec.open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image file") from None
-    except OSError as err:
-        raise ImageError(f"{path}: cannot read: {err}") from None
-    return image_from_bytes(data, path)
+    return image_from_bytes(read_input(path, ImageError), path)
 
 
 def image_from_bytes(data: bytes, name: str) -> torch.Tensor:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 import os
 
-import fsspec
 import numpy as np
 import torch
 
+from atoken_core.io import read_input
 from atoken_modalities.cameras import Cameras
 
 MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".off", ".stl")
@@ -33,14 +33,7 @@ def load_mesh(uri: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
     suffix = os.path.splitext(uri.split("?")[0])[1].lower()
     if suffix not in MESH_SUFFIXES:
         raise MeshError(f"{uri}: unsupported mesh format {suffix!r} (expected one of {', '.join(MESH_SUFFIXES)})")
-    try:
-        with fsspec.open(uri, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise MeshError(f"{uri}: file not found") from None
-    except OSError as err:
-        raise MeshError(f"{uri}: cannot read: {err}") from None
-    return mesh_from_bytes(data, uri, suffix)
+    return mesh_from_bytes(read_input(uri, MeshError), uri, suffix)
 
 
 def mesh_from_bytes(data: bytes, name: str, suffix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

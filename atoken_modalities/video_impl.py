@@ -164,16 +164,9 @@ def load_video(path: str, max_frames: int | None = None) -> torch.Tensor:
 
 def _load_remote_video(url: str, max_frames: int | None) -> torch.Tensor:
     """FFmpeg decodes local files: copy a remote one (s3://, memory://, ...) to a temporary file."""
-    import fsspec
+    from atoken_core.io import read_input
 
-    try:
-        with fsspec.open(url, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise VideoError(f"{url}: file not found") from None
-    except OSError as err:
-        raise VideoError(f"{url}: cannot read: {err}") from None
-    return video_from_bytes(data, url, os.path.splitext(url)[1], max_frames)
+    return video_from_bytes(read_input(url, VideoError), url, os.path.splitext(url)[1], max_frames)
 
 
 def video_from_bytes(data: bytes, name: str, suffix: str, max_frames: int | None = None) -> torch.Tensor:
