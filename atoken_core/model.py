@@ -295,10 +295,12 @@ class AToken(nn.Module):
         return block(x_ld, tokens, angles)
 
     def _run_tiled(self, blocks: nn.ModuleList, first: Any, norm: nn.Module, tokens: Sparse4D,
-                   tile_blocks: int) -> torch.Tensor:
+                   tile_blocks: int, finish: Any = None) -> torch.Tensor:
         """Run ``blocks`` over one sample in temporal tiles of ``tile_blocks`` temporal blocks;
         each tile attends to itself and the previous tile through a per-layer KV cache, so
-        memory and per-tile work stay flat however long the video is."""
+        memory and per-tile work stay flat however long the video is. ``finish(x_ld, part)``
+        maps each tile's output before it is kept (to the latent, or to pixels), so what
+        accumulates is the result, not every tile's hidden states."""
         if tokens.batch_size != 1:
             raise ValueError("temporal tiling runs on one sample at a time")
         if tile_blocks < 1:
@@ -308,26 +310,36 @@ class AToken(nn.Module):
             raise ValueError("temporal tiling needs tokens ordered by time (as the video modality emits them)")
         bounds = torch.searchsorted(tile_l, torch.arange(int(tile_l.max()) + 2, device=tile_l.device)).tolist()
         cache: list[KV | None] = [None] * len(blocks)
-        outs = []
+        out = None  # filled tile by tile: no list of tiles plus a concatenated copy
         for a, b in itertools.pairwise(bounds):
             part = Sparse4D.single(tokens.features[a:b], tokens.coords[a:b])
             angles = self.rope.angles(part.coords)
             x_ld = first(part)
             for i, block in enumerate(blocks):
                 x_ld, cache[i] = block.forward_cached(x_ld, angles, cache[i])
-            outs.append(norm(x_ld))
-        return torch.cat(outs)
+            y = norm(x_ld)
+            y = y if finish is None else finish(y, part)
+            if out is None:
+                out = y.new_empty(tokens.num_tokens, y.shape[1])
+            out[a:b] = y
+        return out
 
     def encode_tiled(self, patches: Sparse4D, tile_blocks: int) -> torch.Tensor:
         """:meth:`encode` of one long video in temporal tiles (see :meth:`_run_tiled`). Equal to
         :meth:`encode` when the video fits in one tile."""
         return self._run_tiled(self.encoder, self.embed, self.encoder_norm, patches, tile_blocks)
 
+    def encode_latent_tiled(self, patches: Sparse4D, tile_blocks: int) -> torch.Tensor:
+        """:meth:`encode_latent` of one long video in temporal tiles, each tile projected to the
+        latent as soon as it is encoded (only latent_dim channels per token are kept)."""
+        return self._run_tiled(self.encoder, self.embed, self.encoder_norm, patches, tile_blocks,
+                               lambda x_ld, part: self.bottleneck.encode_project(x_ld, self.latent_offset(part)))
+
     def decode_tiled(self, latent: Sparse4D, tile_blocks: int, frames: int = 1) -> torch.Tensor:
-        """:meth:`decode` of one long video in temporal tiles."""
-        x_ld = self._run_tiled(self.decoder, lambda part: self.decoder_in(part.features), self.decoder_norm,
-                               latent, tile_blocks)
-        return self._to_pixels(x_ld, latent.features, frames)
+        """:meth:`decode` of one long video in temporal tiles, each tile turned into pixels as
+        soon as it is decoded."""
+        return self._run_tiled(self.decoder, lambda part: self.decoder_in(part.features), self.decoder_norm,
+                               latent, tile_blocks, lambda x_ld, part: self._to_pixels(x_ld, part.features, frames))
 
     def pool(self, features: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
         """Encoder features (L, width) of a packed batch -> (B, width) semantic vectors."""

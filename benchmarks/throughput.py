@@ -306,7 +306,7 @@ def ours_fns(model: AToken, case: Case, x: Any, tile: int) -> Coder:
     if case.tiled:
         def encode():
             tok = mod.patchify(samples, spec)
-            return tok, tok.patches.with_features(model.bottleneck.encode_project(model.encode_tiled(tok.patches, tile)))
+            return tok, tok.patches.with_features(model.encode_latent_tiled(tok.patches, tile))
 
         def decode_from(out):
             tok, latent = out
@@ -595,7 +595,7 @@ def main() -> None:
                 tok = VideoModality(VideoConfig()).patchify([video_input(frames, scale_side, device, dtype)], model.spec)
 
                 def both(p=tok.patches, tile=args.tile, m=model):
-                    latent = p.with_features(m.bottleneck.encode_project(m.encode_tiled(p, tile)))
+                    latent = p.with_features(m.encode_latent_tiled(p, tile))
                     return m.decode_tiled(latent, tile, m.spec.temporal_patch)
 
                 log(f"scale-videos {label}: {frames} frames ({tok.patches.num_tokens} tokens), tiled encode + decode ...")

@@ -68,6 +68,16 @@ def test_tiled_decoder_equals_masked_full_attention(model, frames, tile_blocks, 
     torch.testing.assert_close(tiled, reference, **TOL)
 
 
+@given(st.integers(1, 12), st.integers(1, 3), st.integers(0, 100))
+def test_tiled_latent_is_the_tiled_encoding_projected(model, frames, tile_blocks, seed):
+    # encode_latent_tiled projects each tile as it goes; the result is W_r of the whole tiled encoding
+    tokens = video_tokens(model, frames, seed)
+    with torch.no_grad():
+        streamed = model.encode_latent_tiled(tokens, tile_blocks)
+        reference = model.bottleneck.encode_project(model.encode_tiled(tokens, tile_blocks))
+    torch.testing.assert_close(streamed, reference, **TOL)
+
+
 @given(st.integers(1, 6), st.integers(0, 100))
 def test_one_tile_is_the_untiled_model(model, frames, seed):
     tokens = video_tokens(model, frames, seed)
