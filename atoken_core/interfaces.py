@@ -152,6 +152,9 @@ class LossInputs:
 class Loss(nn.Module, abc.ABC):
     """Named loss terms from inputs and reconstructions."""
 
+    #: reads ``LossInputs.semantic``: the trainer computes the W_s embedding only when a loss does
+    needs_semantic: bool = False
+
     @abc.abstractmethod
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]: ...
 

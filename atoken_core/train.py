@@ -254,7 +254,9 @@ class Run:
         total_value = 0.0
         finite = True
         env, device = self.env, self.env.device
-        semantic = self.model.pool_head is not None
+        # W_s(pool(features)) only when a loss reads it (Loss.needs_semantic; a plugin's loss that
+        # does not subclass Loss reads none)
+        semantic = any(getattr(fn, "needs_semantic", False) for _, fn in self.losses)
         for name in schedule:
             modality, source = self.modalities[name], self.data[name]
             # The global batch is drawn identically on every rank; each takes its own slice.

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atoken_core.interfaces import LossInputs, Teacher
+from atoken_core.interfaces import Loss, LossInputs, Teacher
 from atoken_losses import resolve_teacher
 
 _TEACHERS: dict[tuple[str, str, str], Teacher] = {}
@@ -107,7 +107,7 @@ def _student(semantic: torch.Tensor, loss: str, teacher: Teacher) -> torch.Tenso
     return F.normalize(semantic.float(), dim=-1)
 
 
-class _TeacherLoss(nn.Module):
+class _TeacherLoss(Loss):
     """Holds a shared teacher outside the module tree (see the module docstring)."""
 
     def __init__(self, config: Any) -> None:
@@ -132,6 +132,8 @@ class _TeacherLoss(nn.Module):
 class DistillLoss(_TeacherLoss):
     """Image distillation (reads ``semantic``, ``target``, and ``texts`` when the config has no
     ``prompts``). Returns ``{"distill": ...}``."""
+
+    needs_semantic = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -171,6 +173,8 @@ class DistillLoss(_TeacherLoss):
 class SigmoidLoss(_TeacherLoss):
     """SigLIP's sigmoid loss (reads ``semantic`` and ``texts``: caption i describes sample i).
     ``log_t`` and ``bias`` are learnable parameters of this module. Returns ``{"sigmoid": ...}``."""
+
+    needs_semantic = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
