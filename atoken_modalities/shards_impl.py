@@ -5,16 +5,21 @@ Determinism. The index (per sample: its shard and where each member's bytes lie)
 by reading tar headers. A batch is a list of *plans* drawn from the step's generator, each a
 sample index and five uniform numbers that fix the augmentation (temporal start, crop top, crop
 left, flip, 3D rotation); the bytes of exactly those members are fetched with ranged reads and
-decoded. A sample that cannot be decoded is replaced by a plan drawn next from the same
-generator, in batch-position order, after the whole batch has been drawn, so the batch is a
-function of the generator alone, whatever was decoded (or found corrupt) before.
+decoded. A sample that cannot be decoded is replaced by a plan drawn from a stream of its
+batch position's own (seeded from the generator's state and the position), so the batch is a
+function of the generator alone, whatever was decoded (or found corrupt) before, and each
+sample a function of the generator and its position alone. A data-parallel rank
+(:meth:`TarShards.train_batch_part`) therefore draws every plan of the global batch (a few
+random numbers each) but reads and decodes only its own positions ``rank::world``, and gets
+exactly its slice of the single-process batch, corrupt members included, with no word from the
+other ranks; the generator is left past the batch's plans, the same on every rank.
 
 Workers. ``workers > 0`` decodes in spawned processes (decoding is CPU-bound and torch, PIL,
 FFmpeg and the mesh renderer hold the GIL for much of it): every batch is decoded in parallel
 across the pool. The trainer hands each step a fresh generator (``train.step_generator``: seed
 ``seed * 1_000_003 + step``), so when a call arrives with an untouched generator the source
 also starts decoding the batches of the next ``prefetch`` seeds in the background. Those
-guesses are stored under the exact generator state (and batch size) they were drawn from and
+guesses are stored under the exact generator state (batch size, rank) they were drawn from and
 used only when a later call arrives with that same state, so a wrong guess (another modality
 drew from the step's generator first, the batch size changed, steps alternate modalities)
 costs wasted work, never a different batch; :meth:`TarShards.prefetch` takes the coming
@@ -396,24 +401,35 @@ class _Deferred:
 
 @attrs.define
 class _Pending:
-    """A batch being decoded: its plans, their futures, and a private generator advanced past
-    the plans drawn so far (replacements are drawn from it)."""
+    """One rank's part of a batch being decoded: its batch positions, their plans and futures, a
+    private generator advanced past the whole batch's plans, and the digest of the state the
+    batch was drawn from (which seeds the replacement streams)."""
 
     generator: torch.Generator
+    digest: bytes
+    positions: range
     plans: list[tuple[int, list[float]]]
     futures: list[Any]
 
 
-def _state_key(batch_size: int, state: torch.Tensor) -> tuple[int, bytes]:
-    return batch_size, hashlib.blake2b(state.numpy().tobytes(), digest_size=16).digest()
+def _state_key(batch_size: int, state: torch.Tensor, rank: int, world: int) -> tuple[int, int, int, bytes]:
+    return batch_size, rank, world, hashlib.blake2b(state.numpy().tobytes(), digest_size=16).digest()
+
+
+def _replacement_stream(digest: bytes, position: int) -> torch.Generator:
+    """The generator of the replacements of one batch position (see the module docstring)."""
+    seed = hashlib.blake2b(digest + position.to_bytes(8, "little"), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(seed, "little") >> 1)
 
 
 class TarShards(DataSource):
     """Samples of one modality from WebDataset-style tar shards (see the module docstring).
 
     ``n_skipped`` counts unreadable samples (and shards), each once; ``skipped`` keeps the first
-    messages; ``labels`` maps held-out sample names to their class labels (after
-    :meth:`eval_samples`); ``prefetch_hits`` counts batches found already decoding."""
+    messages (each process counts what it reads itself: the index and held-out shards in full,
+    training samples only in its own part ``rank::world`` of each batch); ``labels`` maps
+    held-out sample names to their class labels (after :meth:`eval_samples`); ``prefetch_hits``
+    counts batches found already decoding."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -525,14 +541,16 @@ class TarShards(DataSource):
             return _Deferred(lambda: ("err", None))
         return self._submit(self.index[plan[0]], "train", plan[1])
 
-    def _start(self, batch_size: int, state: torch.Tensor) -> _Pending:
+    def _start(self, key: tuple[int, int, int, bytes], state: torch.Tensor) -> _Pending:
+        batch_size, rank, world, digest = key
         generator = torch.Generator()
         generator.set_state(state)
-        plans = [self._draw(generator) for _ in range(batch_size)]
-        return _Pending(generator, plans, [self._submit_plan(p) for p in plans])
+        plans = [self._draw(generator) for _ in range(batch_size)][rank::world]  # all drawn, own kept
+        return _Pending(generator, digest, range(rank, batch_size, world), plans, [self._submit_plan(p) for p in plans])
 
     def _finish(self, pending: _Pending) -> tuple[list[Any], list[str]]:
         n = len(pending.plans)
+        streams: dict[int, torch.Generator] = {}
         samples: list[Any] = [None] * n
         texts = [""] * n
         waiting = list(range(n))
@@ -553,10 +571,12 @@ class TarShards(DataSource):
                 raise self._nothing_decodes("training", self.index.urls)
             replaced += len(failed)
             if replaced > max(1000, 20 * n):
-                raise ShardError(f"gave up on a batch of {n} after {replaced} unreadable draws: most samples of "
+                raise ShardError(f"gave up on {n} samples of a batch after {replaced} unreadable draws: most samples of "
                                  f"{_names(self.index.urls)} are unreadable" + self._first_errors())
-            for pos in failed:  # replacements in batch-position order, from the same generator
-                pending.plans[pos] = self._draw(pending.generator)
+            for pos in failed:  # replacements from each batch position's own stream
+                if pos not in streams:
+                    streams[pos] = _replacement_stream(pending.digest, pending.positions[pos])
+                pending.plans[pos] = self._draw(streams[pos])
                 pending.futures[pos] = self._submit_plan(pending.plans[pos])
             waiting = failed
         return samples, texts
@@ -567,16 +587,17 @@ class TarShards(DataSource):
                 f.cancel()
         self._pending.clear()
 
-    def prefetch(self, batch_size: int, generators: Iterable[torch.Generator]) -> None:
-        """Start decoding the batches that :meth:`train_batch` will be asked for with these
-        generators (their states are copied, not advanced). A no-op without workers."""
+    def prefetch(self, batch_size: int, generators: Iterable[torch.Generator], rank: int = 0, world: int = 1) -> None:
+        """Start decoding the batches (or rank ``rank``'s parts of them) that :meth:`train_batch`
+        (:meth:`train_batch_part`) will be asked for with these generators (their states are
+        copied, not advanced). A no-op without workers."""
         if self._executor() is None:
             return
         for g in generators:
             state = g.get_state()
-            key = _state_key(batch_size, state)
+            key = _state_key(batch_size, state, rank, world)
             if key not in self._pending:
-                self._pending[key] = self._start(batch_size, state)
+                self._pending[key] = self._start(key, state)
         while len(self._pending) > max(self.config.prefetch, 1) + 1:
             _, stale = self._pending.popitem(last=False)
             for f in stale.futures:
@@ -586,14 +607,21 @@ class TarShards(DataSource):
         return self.train_batch_texts(batch_size, generator)[0]
 
     def train_batch_texts(self, batch_size: int, generator: torch.Generator) -> tuple[list[Any], list[str] | None]:
-        """``batch_size`` samples drawn with ``generator`` (left advanced past every draw,
-        replacements included) and their captions (None when the source has no caption key;
-        "" for a sample without a caption member)."""
+        """``batch_size`` samples drawn with ``generator`` (left advanced past the batch's plans)
+        and their captions (None when the source has no caption key; "" for a sample without a
+        caption member)."""
+        return self.train_batch_part(batch_size, generator, 0, 1)
+
+    def train_batch_part(self, batch_size: int, generator: torch.Generator, rank: int,
+                         world: int) -> tuple[list[Any], list[str] | None]:
+        """Samples ``rank::world`` of :meth:`train_batch_texts`, the only ones read and decoded
+        (the generator is left as that leaves it)."""
         state = generator.get_state()
-        pending = self._pending.pop(_state_key(batch_size, state), None)
+        key = _state_key(batch_size, state, rank, world)
+        pending = self._pending.pop(key, None)
         if pending is None:
             self._cancel_pending()  # the guesses were wrong: do not let them delay this batch
-            pending = self._start(batch_size, state)
+            pending = self._start(key, state)
         else:
             self.prefetch_hits += 1
         samples, texts = self._finish(pending)
@@ -603,7 +631,7 @@ class TarShards(DataSource):
                 state, torch.Generator().manual_seed(seed).get_state()):
             # An untouched generator: the trainer's next steps are most likely the next seeds.
             nxt = [torch.Generator().manual_seed((seed + i) % 2**64) for i in range(1, self.config.prefetch + 1)]
-            self.prefetch(batch_size, nxt)
+            self.prefetch(batch_size, nxt, rank, world)
         return samples, (texts if self.config.caption else None)
 
     # -------------------------------------------------------------- held out, PCA pool

@@ -9,6 +9,7 @@ import logging
 import tarfile
 import uuid
 
+import attrs
 import fsspec
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from PIL import Image
 from atoken_core.config import structure
 from atoken_core.train import step_generator
 from atoken_modalities.shards import TarShardsConfig, atoken_datasets
+from atoken_modalities import shards_impl
 from atoken_modalities.shards_impl import ShardError, ShardNotFound, TarShards, expand_braces, read_parts, write_shards
 
 
@@ -43,6 +45,21 @@ def image_shards(tmp_path):
     write_shards(records(3, start=20), str(tmp_path / "val-%06d.tar"), 5)
     return TarShardsConfig(shards=[str(tmp_path / "train-{000000..000002}.tar")], eval_shards=[str(tmp_path / "val-*.tar")],
                            crop=16), train
+
+
+BAD_KEYS = {"000003", "000008"}
+
+
+@pytest.fixture
+def flawed_shards(tmp_path):
+    """image_shards with two corrupt members (not the first: the probe stops there)."""
+    train = records(12)
+    train[3][1]["png"] = b"not an image"
+    train[8][1]["png"] = png(80)[:60]  # a truncated PNG
+    write_shards(train, str(tmp_path / "train-%06d.tar"), 5)
+    write_shards(records(3, start=20), str(tmp_path / "val-%06d.tar"), 5)
+    return TarShardsConfig(shards=[str(tmp_path / "train-{000000..000002}.tar")], eval_shards=[str(tmp_path / "val-*.tar")],
+                           crop=16)
 
 
 def memory_root() -> str:
@@ -231,3 +248,66 @@ def test_mesh_members_decode():
     assert set(texts) <= {"a box", "a ball"}
     ((name, asset),) = source.eval_samples()
     assert name == "box.glb" and asset.target_views.shape == (2, 3, 16, 16) and source.labels == {"box.glb": "4"}
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 0), (3, 0), (2, 1)])
+def test_rank_parts_interleave_to_the_single_process_batch(flawed_shards, world, workers):
+    """Under torchrun each rank (a source of its own) gets samples rank::world of the single-process
+    batch, tensor for tensor, with the same captions, corrupt members replaced alike without a
+    word between the ranks, and leaves the step's generator in the single-process state; with a
+    worker process, each rank's next parts are decoded ahead."""
+    single = TarShards(flawed_shards)
+    expected = []
+    for step in range(4):
+        g = step_generator(5, step)
+        expected.append((*single.train_batch_texts(7, g), g.get_state()))
+    assert single.n_skipped == 2  # both corrupt members were drawn (and replaced)
+    ranks = [TarShards(attrs.evolve(flawed_shards, workers=workers, prefetch=2)) for _ in range(world)]
+    try:
+        for step, (samples, texts, state) in enumerate(expected):
+            merged_samples, merged_texts = [None] * len(samples), [None] * len(texts)
+            for rank, source in enumerate(ranks):
+                g = step_generator(5, step)
+                merged_samples[rank::world], merged_texts[rank::world] = source.train_batch_part(7, g, rank, world)
+                assert torch.equal(g.get_state(), state)
+            assert merged_texts == texts
+            assert all(torch.equal(a, b) for a, b in zip(merged_samples, samples))
+        assert sum(source.n_skipped for source in ranks) >= 2  # each counts what it decoded
+        assert [source.prefetch_hits for source in ranks] == [3 if workers else 0] * world
+    finally:
+        for source in ranks:
+            source.close()
+
+
+def test_a_rank_decodes_only_its_own_samples(flawed_shards, monkeypatch):
+    """A rank reads and decodes only its positions of the batch: with the corrupt member drawn
+    only at the other rank's positions, this rank decodes its own three and skips nothing."""
+    decoded = []
+    decode_ref = shards_impl.decode_ref
+
+    def counting(config, mode, ref, blobs, u):
+        decoded.append(ref.key)
+        return decode_ref(config, mode, ref, blobs, u)
+
+    monkeypatch.setattr(shards_impl, "decode_ref", counting)
+    single = TarShards(flawed_shards)
+    for step in range(100):  # a step whose batch draws a corrupt member at odd positions only
+        g = step_generator(0, step)
+        keys = [single.index[single._draw(g)[0]].key for _ in range(6)]
+        bad = [pos for pos, key in enumerate(keys) if key in BAD_KEYS]
+        if bad and all(pos % 2 for pos in bad):
+            break
+    else:
+        pytest.fail("no step draws a corrupt member at odd positions only")
+    expected = TarShards(flawed_shards).train_batch_texts(6, step_generator(0, step))
+    parts = []
+    for rank in (0, 1):
+        source = TarShards(flawed_shards)
+        decoded.clear()
+        parts.append(source.train_batch_part(6, step_generator(0, step), rank, 2))
+        assert decoded[:3] == keys[rank::2]
+        if rank == 0:
+            assert decoded == keys[0::2] and source.n_skipped == 0 and source.skipped == []
+        else:
+            assert source.n_skipped == len({keys[pos] for pos in bad}) and set(decoded) & BAD_KEYS
+    assert parts[0][1] + parts[1][1] == expected[1][0::2] + expected[1][1::2]
