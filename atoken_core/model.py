@@ -52,25 +52,45 @@ class RoPE4D(nn.Module):
         return torch.cat((rotated.to(x_lhd.dtype), x_pass), dim=-1)
 
 
-def packed_attention(q_lhd: torch.Tensor, k_lhd: torch.Tensor, v_lhd: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
+@attrs.frozen
+class AttentionGroups:
+    """Which token rows of a packed batch attend together, worked out once per forward pass
+    (one host read of the lengths) and shared by every layer: the layers then run no
+    data-dependent Python, so a GPU does not sync in each of them and ``torch.compile`` traces
+    whole blocks without graph breaks."""
+
+    length: int | None  # every sample has this many tokens: one batched call, no gathers
+    # otherwise, per distinct length: (length, (b, length) token rows of the samples that long)
+    rows: tuple[tuple[int, torch.Tensor], ...] = ()
+
+    @classmethod
+    def of(cls, tokens: Sparse4D) -> AttentionGroups:
+        n = tokens.uniform_length()
+        if n is not None:
+            return cls(n)
+        starts, lengths = tokens.cu_seqlens[:-1], tokens.lengths
+        rows = []
+        for length in lengths.unique().tolist():
+            if length:
+                first = starts[lengths == length]
+                rows.append((length, first[:, None] + torch.arange(length, device=first.device)))
+        return cls(None, tuple(rows))
+
+
+def packed_attention(q_lhd: torch.Tensor, k_lhd: torch.Tensor, v_lhd: torch.Tensor,
+                     groups: AttentionGroups) -> torch.Tensor:
     """Attention within each packed sample only (block-diagonal), without padding.
 
     Samples are grouped by length and each group runs as one batched SDPA call, so the cost
     is the sum over samples of n_i^2 — never (total length)^2, never batch x longest^2.
     """
-    n = tokens.uniform_length()
-    if n is not None:
+    if groups.length is not None:
         # Equal lengths (fixed-size training crops): one group, no gather needed.
-        q, k, v = (rearrange(t, "(b n) h d -> b h n d", n=n) for t in (q_lhd, k_lhd, v_lhd))
+        q, k, v = (rearrange(t, "(b n) h d -> b h n d", n=groups.length) for t in (q_lhd, k_lhd, v_lhd))
         out = F.scaled_dot_product_attention(q, k, v)
         return rearrange(out, "b h n d -> (b n) h d")
     out = torch.empty_like(q_lhd)
-    starts, lengths = tokens.cu_seqlens[:-1], tokens.lengths
-    for length in lengths.unique().tolist():
-        if length == 0:
-            continue
-        first = starts[lengths == length]
-        index_bn = first[:, None] + torch.arange(length, device=first.device)  # token rows of each sample
+    for _, index_bn in groups.rows:
         q, k, v = (rearrange(t[index_bn], "b n h d -> b h n d") for t in (q_lhd, k_lhd, v_lhd))
         out[index_bn] = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n h d")
     return out
@@ -106,8 +126,8 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(x_ld), "l (three h d) -> three l h d", three=3, h=self.heads)
         return self.rotate(q, angles), self.rotate(k, angles), v
 
-    def forward(self, x_ld: torch.Tensor, tokens: Sparse4D, angles: torch.Tensor) -> torch.Tensor:
-        out = packed_attention(*self.qkv_rotated(x_ld, angles), tokens)
+    def forward(self, x_ld: torch.Tensor, groups: AttentionGroups, angles: torch.Tensor) -> torch.Tensor:
+        out = packed_attention(*self.qkv_rotated(x_ld, angles), groups)
         return self.proj(rearrange(out, "l h d -> l (h d)"))
 
     def forward_cached(self, x_ld: torch.Tensor, angles: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
@@ -127,8 +147,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, width))
 
-    def forward(self, x_ld: torch.Tensor, tokens: Sparse4D, angles: torch.Tensor) -> torch.Tensor:
-        x_ld = x_ld + self.attn(self.norm1(x_ld), tokens, angles)
+    def forward(self, x_ld: torch.Tensor, groups: AttentionGroups, angles: torch.Tensor) -> torch.Tensor:
+        x_ld = x_ld + self.attn(self.norm1(x_ld), groups, angles)
         return x_ld + self.mlp(self.norm2(x_ld))
 
     def forward_cached(self, x_ld: torch.Tensor, angles: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
@@ -284,15 +304,23 @@ class AToken(nn.Module):
         """Patch pixels (L, frames*p*p*C) -> encoder features (L, width)."""
         angles = self.rope.angles(patches.coords)
         x_ld = self.embed(patches)
+        groups = AttentionGroups.of(patches)
         for block in self.encoder:
-            x_ld = self._run_block(block, x_ld, patches, angles)
+            x_ld = self._run_block(block, x_ld, groups, angles)
         return self.encoder_norm(x_ld)
 
-    def _run_block(self, block: Block, x_ld: torch.Tensor, tokens: Sparse4D, angles: torch.Tensor) -> torch.Tensor:
+    def compile_blocks(self) -> None:
+        """torch.compile every transformer block, with dynamic shapes: packed batches change
+        their token count from step to step, and one graph per length would recompile forever.
+        Packing, the bottleneck and the heads stay eager (cheap, and data-dependent)."""
+        for block in [*self.encoder, *self.decoder]:
+            block.compile(dynamic=True)
+
+    def _run_block(self, block: Block, x_ld: torch.Tensor, groups: AttentionGroups, angles: torch.Tensor) -> torch.Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled():
             # keep only the block's input; recompute its insides in the backward pass
-            return torch.utils.checkpoint.checkpoint(block, x_ld, tokens, angles, use_reentrant=False)
-        return block(x_ld, tokens, angles)
+            return torch.utils.checkpoint.checkpoint(block, x_ld, groups, angles, use_reentrant=False)
+        return block(x_ld, groups, angles)
 
     def _run_tiled(self, blocks: nn.ModuleList, first: Any, norm: nn.Module, tokens: Sparse4D,
                    tile_blocks: int, finish: Any = None) -> torch.Tensor:
@@ -366,8 +394,9 @@ class AToken(nn.Module):
         modality head ``head`` (L, out_dim)."""
         angles = self.rope.angles(latent.coords)
         x_ld = self.decoder_in(latent.features)
+        groups = AttentionGroups.of(latent)
         for block in self.decoder:
-            x_ld = self._run_block(block, x_ld, latent, angles)
+            x_ld = self._run_block(block, x_ld, groups, angles)
         x_ld = self.decoder_norm(x_ld)
         if head is not None:
             return self.heads[head](x_ld)

@@ -31,6 +31,30 @@ def test_forward_flops_match_torch_flop_counter(registries):
     assert counter.get_total_flops() == forward_flops(model.flavor, 8, model.spec.frame_dim, [10, 10, 10])
 
 
+def test_forward_flops_of_mixed_lengths_match_torch_flop_counter(registries):
+    model = make_model(registries)
+    lengths = [5, 12, 7, 12]  # the grouped path: attention per distinct length, sum of n_i^2
+    tokens = Sparse4D.cat(random_tokens(lengths))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(tokens, sample=False)
+    assert counter.get_total_flops() == forward_flops(model.flavor, 8, model.spec.frame_dim, lengths)
+
+
+def test_training_step_is_three_forwards(registries):
+    """benchmarks/train_step.py counts a step's model FLOPs as 3 x forward (backward = 2 x
+    forward: a matmul's gradient needs one product for its input, one for its weight). The
+    exception is the patch embedding, whose input (pixels) needs no gradient."""
+    model = make_model(registries)
+    lengths = [10, 10, 10]
+    tokens = Sparse4D.cat(random_tokens(lengths))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        recon, _ = model(tokens, sample=True)
+        recon.square().mean().backward()
+    fl, frame_dim = model.flavor, model.spec.frame_dim
+    embed = 2 * sum(lengths) * fl.width * frame_dim
+    assert counter.get_total_flops() == 3 * forward_flops(fl, 8, frame_dim, lengths) - embed
+
+
 def test_dry_run_counts_params_without_building_weights(registries):
     recipe = load_recipe(TINY, registries, ["model.flavor=\"test\"", "model.latent_dim=8", "data.image.crop=32"])
     report = dry_run(recipe, registries)
