@@ -34,7 +34,6 @@ Progress goes to stderr, the report (markdown tables) to stdout.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import os
@@ -48,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from _timing import median_seconds
+from _timing import malloc_trim, median_seconds, proc_status_kib, reset_hwm
 
 from atoken_core.flavors import FLAVORS
 from atoken_core.model import AToken
@@ -97,29 +96,6 @@ def make_cases(quick: bool, voxels: int) -> list[Case]:
 # ---------------------------------------------------------------------------- peak memory
 
 
-def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the resident-set high-water mark (VmHWM) to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-try:
-    _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-except (OSError, AttributeError):
-    _malloc_trim = None
-
-
 class PeakMemory:
     """Peak memory of one call above what the process held just before it (model and inputs
     loaded). CUDA: ``torch.cuda.max_memory_allocated``. CPU: the peak resident set, the quantity
@@ -129,7 +105,7 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.cpu_ok = device.type == "cpu" and _reset_hwm()
+        self.cpu_ok = device.type == "cpu" and reset_hwm()
 
     def describe(self) -> str:
         if self.device.type == "cuda":
@@ -157,14 +133,14 @@ class PeakMemory:
             t0 = time.perf_counter()
             out = fn()
             return out, time.perf_counter() - t0, None
-        if _malloc_trim is not None:
-            _malloc_trim(0)
-        _reset_hwm()
-        base = _proc_status_kib("VmRSS")
+        if malloc_trim is not None:
+            malloc_trim(0)
+        reset_hwm()
+        base = proc_status_kib("VmRSS")
         t0 = time.perf_counter()
         out = fn()
         dt = time.perf_counter() - t0
-        return out, dt, max(_proc_status_kib("VmHWM") - base, 0) / 1024
+        return out, dt, max(proc_status_kib("VmHWM") - base, 0) / 1024
 
 
 # ---------------------------------------------------------------------------- timing
