@@ -114,7 +114,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.rope = rope
-        self.rope_gate = nn.Parameter(torch.ones(())) if rope_gate else None
+        # one element, not a 0-d scalar: FSDP2's fully_shard cannot shard 0-d parameters
+        self.rope_gate = nn.Parameter(torch.ones(1)) if rope_gate else None
 
     def rotate(self, x_lhd: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
         rotated = self.rope(x_lhd, angles)

@@ -212,7 +212,7 @@ def convert_siglip2_state(
     out = {ours: fn(*(state[k] for k in keys)) for ours, (keys, fn) in rules.items()}
     dtype = out["patch_embed.weight"].dtype
     for i in range(flavor.depth):
-        out[f"encoder.{i}.attn.rope_gate"] = torch.zeros((), dtype=dtype)
+        out[f"encoder.{i}.attn.rope_gate"] = torch.zeros(1, dtype=dtype)
     if flavor.semantic:  # W_s starts as the identity: SigLIP2's pooled output is already text-aligned
         out["semantic_proj.weight"] = torch.eye(flavor.width, dtype=dtype)
         out["semantic_proj.bias"] = torch.zeros(flavor.width, dtype=dtype)
