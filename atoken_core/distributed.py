@@ -74,14 +74,23 @@ def build_sharded(build: Callable[[], nn.Module], env: DistEnv, mixed_precision:
     rank 0's freshly built (or loaded) full model. Rank 0 alone holds a full copy, briefly;
     every rank ends with the same weights a single process would have built. ``build_meta``
     builds the same architecture without touching values (defaults to ``build``)."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     full = build() if env.is_main else None
     with torch.random.fork_rng(), torch.device("meta"):
         model = (build_meta or build)()
     shard(model, mixed_precision)
     model.to_empty(device=env.device)
+    fill_from_rank0(model, full, env)
+    return model
+
+
+@torch.no_grad()
+def fill_from_rank0(model: nn.Module, full: nn.Module | None, env: DistEnv) -> None:
+    """Every rank's shard of ``model`` takes its values from ``full``, the same architecture
+    unsharded, which only rank 0 holds (None elsewhere). Parameters are copied in place, so an
+    optimizer built over ``model`` stays valid. Every rank must call it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     state = full.state_dict() if full is not None else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # Buffers are replicated, not sharded; non-persistent ones (RoPE frequencies, FSQ levels)
@@ -91,7 +100,37 @@ def build_sharded(build: Callable[[], nn.Module], env: DistEnv, mixed_precision:
         if env.is_main:
             buf.copy_(full_buffers[name].to(buf.device))
         dist.broadcast(buf, src=0)
-    return model
+
+
+def apply_to_full_model(model: nn.Module, fn: Callable[[nn.Module], None], build: Callable[[], nn.Module],
+                        env: DistEnv) -> None:
+    """Run ``fn`` (an in-place edit: import weights, set an initialisation) on the whole model.
+    One process: on ``model`` itself. Under torchrun no rank holds the whole model, so rank 0
+    loads the gathered weights into a fresh CPU copy from ``build`` (the same architecture),
+    runs ``fn`` there (alone: an expensive ``fn`` is not repeated on every rank), and every
+    rank's shard is refilled from the result. If ``fn`` fails, every rank raises its error
+    (rather than waiting forever for rank 0). Every rank must call it."""
+    if not env.distributed:
+        fn(model)
+        return
+    import torch.distributed as dist
+
+    state = full_state_dict(model)
+    full, failure = None, [None]
+    if env.is_main:
+        try:
+            # the throwaway initialisation must not consume random numbers: rank 0's stream
+            # stays the single process's, which never builds this copy
+            with torch.random.fork_rng():
+                full = build()
+            full.load_state_dict(state)
+            fn(full)
+        except Exception as err:
+            failure[0] = err
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise failure[0]
+    fill_from_rank0(model, full, env)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from atoken_core.checkpoint import (
 from atoken_core.distributed import (
     DistEnv,
     all_true,
+    apply_to_full_model,
     as_float,
     barrier,
     build_sharded,
@@ -136,9 +137,18 @@ class Run:
             model = build().to(self.env.device)
         model.activation_checkpointing = par.activation_checkpointing
         if par.compile:
-            for block in [*model.encoder, *model.decoder]:
-                block.compile(dynamic=True)
+            model.compile_blocks()
         return model
+
+    def _edit_model(self, edit: Any) -> None:
+        """An in-place edit of the whole model before training (SigLIP2 import, PCA shortcut),
+        the same in one process and under torchrun, where rank 0 alone runs it on a gathered
+        copy at the current stage's architecture and the shards are refilled from it. The EMA
+        restarts from the edited weights."""
+        spec, latent_dim = self._bottleneck_spec, self.model.bottleneck.latent_dim
+        apply_to_full_model(self.model, edit, lambda: build_model(self.recipe, self.registries, spec, latent_dim),
+                            self.env)
+        self.ema = self._fresh_ema()
 
     def _autocast(self) -> Any:
         """bf16 autocast for a single GPU process (FSDP2's policy does the casting when sharded)."""
@@ -539,21 +549,17 @@ class Run:
                     self._truncate_metrics(start)
                 resumed = True
         if not resumed and self.recipe.model.init.startswith("siglip2:"):
-            if self.env.distributed:
-                raise TrainingError("model.init = 'siglip2:...' under torchrun: import once with `atoken import-siglip2` "
-                                    "and start the sharded run from that checkpoint (not supported yet)")
             from atoken_core.siglip2 import import_siglip2, load_siglip2_vision_state
 
             path = self.recipe.model.init.removeprefix("siglip2:")
-            import_siglip2(self.model, load_siglip2_vision_state(path), source=path)
-            self.ema = self._fresh_ema()
+            self._edit_model(lambda model: import_siglip2(model, load_siglip2_vision_state(path), source=path))
         if not resumed and self.recipe.model.shortcut == "pca":
-            if self.env.distributed:
-                raise TrainingError("model.shortcut = 'pca' is not supported under torchrun yet")
-            pca, k = self.pca(self.plans[0].modalities[0]), self.plans[0].latent_dim
-            # the PCA is fitted at the final width; its leading k components are the k-PCA
-            self.model.init_shortcut(pca.mean.float(), pca.basis[:k].float(), pca.variance[:k].float())
-            self.ema = self._fresh_ema()
+            def init_shortcut(model: torch.nn.Module) -> None:
+                pca, k = self.pca(self.plans[0].modalities[0]), self.plans[0].latent_dim
+                # the PCA is fitted at the final width; its leading k components are the k-PCA
+                model.init_shortcut(pca.mean.float(), pca.basis[:k].float(), pca.variance[:k].float())
+
+            self._edit_model(init_shortcut)
         self._open_tensorboard()
         if "eval_initial" not in extra:
             extra["eval_initial"] = self.evaluate()
