@@ -1,8 +1,10 @@
 """Checkpoints as safetensors (never pickle), written atomically, describing themselves.
 
-One file holds the model (``model.*``), optionally the optimiser state (``optim.*``) and
-RNG state (``rng.*``); its metadata holds the resolved recipe (JSON), the package version,
-the step and the stage, so ``atoken encode --ckpt`` can rebuild the model from the file alone.
+One file holds the model (``model.*``), optionally the optimiser state (``optim.*``), RNG
+state (``rng.*``) and the trainer's other tensors under their own prefixes (the losses'
+learnable values ``loss.*`` and their optimiser's state ``loss_optim.*``); its metadata holds
+the resolved recipe (JSON), the package version, the step and the stage, so
+``atoken encode --ckpt`` can rebuild the model from the file alone (it reads ``model.*`` only).
 """
 
 from __future__ import annotations
@@ -23,6 +25,28 @@ class CheckpointError(ValueError):
     pass
 
 
+# prefixes save_checkpoint writes itself
+RESERVED = ("model", "ema", "optim", "rng")
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    """The optimiser's per-parameter state as ``{prefix}.{param index}.{name}`` tensors (the same
+    tensors, not copies)."""
+    return {f"{prefix}.{pid}.{name}": value
+            for pid, pstate in optimizer.state_dict()["state"].items()
+            for name, value in pstate.items() if torch.is_tensor(value)}
+
+
+def optimizer_state_from(tensors: dict[str, torch.Tensor], prefix: str) -> dict[int, dict[str, torch.Tensor]]:
+    """The inverse of :func:`optimizer_tensors`: ``{param index: {name: tensor}}`` (other keys ignored)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    return state
+
+
 def save_checkpoint(
     path: str,
     model: torch.nn.Module,
@@ -34,22 +58,24 @@ def save_checkpoint(
     extra_metadata: dict[str, Any] | None = None,
     ema: dict[str, torch.Tensor] | None = None,
     model_state: dict[str, torch.Tensor] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """``model_state`` replaces ``model.state_dict()`` (e.g. the gathered state of a sharded
-    model); ``ema`` holds the moving-average weights by parameter name (``ema.*`` tensors)."""
+    model); ``ema`` holds the moving-average weights by parameter name (``ema.*`` tensors);
+    ``extra_tensors`` are stored under their own names (which must not use the prefixes above)."""
     state = model.state_dict() if model_state is None else model_state
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in state.items()}
     for k, v in (ema or {}).items():
         tensors[f"ema.{k}"] = v.detach().contiguous().clone()
     meta: dict[str, Any] = {"step": step, "stage": stage}
     if optimizer is not None:
-        state = optimizer.state_dict()
-        for pid, pstate in state["state"].items():
-            for name, value in pstate.items():
-                if torch.is_tensor(value):
-                    tensors[f"optim.{pid}.{name}"] = value.detach().contiguous().clone()
-        meta["optim_param_groups"] = state["param_groups"]
+        tensors.update({k: v.detach().contiguous().clone() for k, v in optimizer_tensors(optimizer, "optim").items()})
+        meta["optim_param_groups"] = optimizer.state_dict()["param_groups"]
         tensors["rng.torch"] = torch.get_rng_state()
+    for k, v in (extra_tensors or {}).items():
+        if k.split(".", 1)[0] in RESERVED or k in tensors:
+            raise ValueError(f"extra checkpoint tensor {k!r} clashes with the model, EMA, optimiser or RNG state")
+        tensors[k] = v.detach().contiguous().clone()
     meta.update(extra_metadata or {})
     metadata = {
         "format": FORMAT,
@@ -103,11 +129,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     groups = meta["state"].get("optim_param_groups")
     if groups is None:
         raise CheckpointError("checkpoint holds no optimiser state (exported weights only); cannot resume from it")
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"checkpoint's optimiser has {len(groups)} parameter groups, this run's has "
+                              f"{len(optimizer.param_groups)} (a checkpoint of another recipe, or one written before "
+                              "the losses' parameters got an optimiser of their own); cannot resume from it")
+    optimizer.load_state_dict({"state": optimizer_state_from(tensors, "optim"), "param_groups": groups})
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])

@@ -160,6 +160,44 @@ def all_true(flag: bool, env: DistEnv) -> bool:
     return int(t.item()) == 0
 
 
+def average_gradients(params: list[torch.Tensor], env: DistEnv) -> None:
+    """Average the gradients of replicated (unsharded) parameters over the ranks, in place, in
+    one all-reduce: FSDP2 averages the model's own gradients, not those of parameters outside
+    it (the losses' learnable values), so without this every rank's copy drifts apart. A
+    parameter none of the ranks gave a gradient keeps ``grad = None`` (the optimiser skips it,
+    as in one process). Every rank must call it with the same parameters."""
+    if not env.distributed or not params:
+        return
+    import torch.distributed as dist
+
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float64, device=env.device)
+    grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64) for p in params]
+    flat = torch.cat([present, *grads])
+    dist.all_reduce(flat)
+    counts, flat = flat[: len(params)], flat[len(params):] / env.world
+    offset = 0
+    for p, count in zip(params, counts.tolist()):
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype) if count > 0 else None
+        offset += n
+
+
+def gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, ...) on every rank -> the ranks' tensors stacked in rank order (world * B, ...) and
+    where this rank's rows start, for a loss that compares each local sample with the whole
+    data-parallel batch (SigLIP's sigmoid loss). Gradients flow through this rank's own rows
+    only. Outside torchrun: ``(tensor, 0)``. Every rank must call it with the same B."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, 0
+    rank = dist.get_rank()
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    parts[rank] = tensor
+    return torch.cat(parts), rank * tensor.shape[0]
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         import torch.distributed as dist

@@ -19,6 +19,8 @@ from atoken_core.checkpoint import (
     CheckpointError,
     load_model_state,
     load_optimizer_state,
+    optimizer_state_from,
+    optimizer_tensors,
     read_checkpoint,
     save_checkpoint,
 )
@@ -27,6 +29,7 @@ from atoken_core.distributed import (
     all_true,
     apply_to_full_model,
     as_float,
+    average_gradients,
     barrier,
     build_sharded,
     full_state_dict,
@@ -97,7 +100,13 @@ class Run:
         self.model = self._build_model(lambda: build_model(recipe, registries, self.plans[0].bottleneck,
                                                            self.plans[0].latent_dim))
         self.losses = [(spec, build_component(spec, "loss", registries).to(self.env.device)) for spec in recipe.loss]
+        # Losses may learn too (the sigmoid loss's temperature and bias): named loss.{i}.{name}
+        # after their place in recipe.loss; replicated (never sharded) under torchrun.
+        self.loss_params: dict[str, torch.nn.Parameter] = {
+            f"loss.{i}.{name}": p for i, (_, fn) in enumerate(self.losses)
+            for name, p in fn.named_parameters() if p.requires_grad}
         self.optimizer = self._optimizer()
+        self.loss_optimizer = self._loss_optimizer()
         self.ema = self._fresh_ema()
         self.tb = None
         self.recipe_dict = recipe_to_dict(recipe)
@@ -120,11 +129,20 @@ class Run:
         param_groups = [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
                          "lr_scale": o.encoder_lr_scale if encoder else 1.0}
                         for (encoder, decay), params in sorted(groups.items())]
-        # Losses may learn too (the sigmoid loss's temperature and bias; no decay, as in SigLIP).
-        loss_params = [p for _, fn in self.losses for p in fn.parameters() if p.requires_grad]
-        if loss_params:
-            param_groups.append({"params": loss_params, "weight_decay": 0.0, "lr_scale": 1.0})
         return torch.optim.AdamW(param_groups, lr=o.lr, betas=tuple(o.betas))
+
+    def _loss_optimizer(self) -> torch.optim.Optimizer | None:
+        """AdamW of its own for the losses' parameters (no decay, as in SigLIP; the model's learning
+        rate schedule): they live outside the (possibly FSDP-sharded) model, so the model's
+        optimiser, and FSDP's optimiser-state helpers, only ever see model parameters."""
+        if not self.loss_params:
+            return None
+        o = self.recipe.optim
+        return torch.optim.AdamW([{"params": list(self.loss_params.values()), "weight_decay": 0.0, "lr_scale": 1.0}],
+                                 lr=o.lr, betas=tuple(o.betas))
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer] + ([self.loss_optimizer] if self.loss_optimizer is not None else [])
 
     def _build_model(self, build: Any, build_meta: Any = None) -> torch.nn.Module:
         """One process: build, move to the device. Under torchrun: FSDP2 over the process group
@@ -242,6 +260,7 @@ class Run:
             self.model = self._build_model(build, lambda: build_model(self.recipe, self.registries, spec, latent_dim))
         self._bottleneck_spec = spec
         self.optimizer = self._optimizer()
+        self.loss_optimizer = self._loss_optimizer()
         self.ema = self._fresh_ema()  # a new parameter set: the average starts again
 
     def stage_at(self, step: int) -> tuple[StagePlan, int]:
@@ -255,11 +274,12 @@ class Run:
     def train_step(self, step: int) -> dict[str, Any]:
         plan, in_stage = self.stage_at(step)
         lr = lr_at(in_stage, plan, self.recipe)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+        for optimizer in self._optimizers():
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            optimizer.zero_grad(set_to_none=True)
         gen = step_generator(self.recipe.seed, step)
         schedule = self.curriculum.modality_schedule(plan, step)
-        self.optimizer.zero_grad(set_to_none=True)
         terms: dict[str, float] = {}
         total_value = 0.0
         finite = True
@@ -296,12 +316,16 @@ class Run:
             if self.recipe.optim.grad_clip > 0:
                 grad_norm = as_float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip))
             if math.isfinite(grad_norm):
-                self.optimizer.step()
+                # FSDP2 averaged the model's gradients over the ranks; the losses' are averaged here
+                average_gradients(list(self.loss_params.values()), env)
+                for optimizer in self._optimizers():
+                    optimizer.step()
                 self._update_ema()
             else:
                 finite = False
         if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
+            for optimizer in self._optimizers():
+                optimizer.zero_grad(set_to_none=True)
         # Every rank saw its own slice: log the global-batch means.
         keys = sorted(terms)
         averaged = mean_over_ranks([total_value, *(terms[k] for k in keys)], env)
@@ -406,7 +430,8 @@ class Run:
         else:
             path = f"{self.out_path}/checkpoints/step-{step:06d}.safetensors"
             save_checkpoint(self._url(path), self.model, recipe=self.recipe_dict, step=step, stage=plan.index,
-                            optimizer=self.optimizer, extra_metadata=extra, ema=self.ema)
+                            optimizer=self.optimizer, extra_metadata=extra, ema=self.ema,
+                            extra_tensors=self._loss_state())
         if self.env.is_main:
             keep = self.recipe.log.keep_checkpoints
             old = [p for s, p in self.checkpoints() if s != step and s != self.total_steps]
@@ -422,7 +447,37 @@ class Run:
                  "optim": get_optimizer_state_dict(self.model, self.optimizer)}
         if self.ema is not None:
             state["ema"] = dict(self.ema)
+        if self.loss_params:
+            state["loss"] = self._loss_state()  # plain tensors, the same on every rank
         return state
+
+    def _loss_state(self) -> dict[str, torch.Tensor]:
+        """The losses' learnable values (``loss.{i}.{name}``) and their optimiser's state
+        (``loss_optim.{param index}.{name}``), in both kinds of checkpoint."""
+        state = {name: p.detach() for name, p in self.loss_params.items()}
+        if self.loss_optimizer is not None:
+            state.update(optimizer_tensors(self.loss_optimizer, "loss_optim"))
+        return state
+
+    @torch.no_grad()
+    def _load_loss_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Restore :meth:`_loss_state` (other keys are ignored); the losses' parameters must match
+        this recipe's by name and shape."""
+        values = {k: v for k, v in state.items() if k.split(".", 1)[0] == "loss"}
+        missing = sorted(set(self.loss_params) - set(values))
+        unexpected = sorted(set(values) - set(self.loss_params))
+        shapes = [f"{k}: checkpoint {tuple(values[k].shape)} vs this run {tuple(p.shape)}"
+                  for k, p in self.loss_params.items() if k in values and values[k].shape != p.shape]
+        if missing or unexpected or shapes:
+            raise CheckpointError("\n".join([f"{source}: the losses' learnable parameters do not match this recipe's",
+                                             *([f"  missing: {', '.join(missing)}"] if missing else []),
+                                             *([f"  unexpected: {', '.join(unexpected)}"] if unexpected else []),
+                                             *(f"  shape mismatch {line}" for line in shapes)]))
+        for name, p in self.loss_params.items():
+            p.copy_(values[name])
+        if self.loss_optimizer is not None:
+            self.loss_optimizer.load_state_dict({"state": optimizer_state_from(state, "loss_optim"),
+                                                 "param_groups": self.loss_optimizer.state_dict()["param_groups"]})
 
     def _save_sharded(self, step: int, plan: StagePlan, extra: dict[str, Any]) -> str:
         """A torch.distributed.checkpoint folder (every rank writes its shards, any world size can
@@ -433,10 +488,15 @@ class Run:
         if self.env.is_main and self.fs.exists(tmp):
             self.fs.rm(tmp, recursive=True)
         barrier(self.env)
-        save_sharded(self._url(tmp), self._sharded_state())
+        state = self._sharded_state()
+        save_sharded(self._url(tmp), state)
         barrier(self.env)
         if self.env.is_main:
+            # the shapes of the losses' tensors: the resumed run's optimiser has no state yet to load into
+            loss_state = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                          for k, v in state.get("loss", {}).items()}
             meta = {"format": "atoken-dcp-v1", "atoken_version": __version__, "recipe": self.recipe_dict,
+                    "loss_state": loss_state,
                     "state": {"step": step, "stage": plan.index, "world_size": self.env.world,
                               "rng_torch": torch.get_rng_state().tolist(), **extra}}
             with self.fs.open(f"{tmp}/{DCP_META}", "w") as f:
@@ -456,11 +516,17 @@ class Run:
                 meta = json.load(f)
             self.use_stage_bottleneck(self.plans[int(meta["state"]["stage"])])
             state = self._sharded_state()
+            state.pop("loss", None)
+            loss_state = {k: torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+                          for k, spec in meta.get("loss_state", {}).items()}
+            if loss_state:
+                state["loss"] = loss_state
             load_sharded(self._url(path), state)
             set_model_state_dict(self.model, state["model"])
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
             if self.ema is not None and "ema" in state:
                 self.ema = state["ema"]
+            self._load_loss_state(state.get("loss", {}), path)
             torch.set_rng_state(torch.tensor(meta["state"]["rng_torch"], dtype=torch.uint8))
             return meta["state"]
         if self.env.distributed:
@@ -469,6 +535,7 @@ class Run:
         self.use_stage_bottleneck(self.plans[int(meta["state"]["stage"])])
         load_model_state(self.model, tensors, path)
         load_optimizer_state(self.optimizer, tensors, meta)
+        self._load_loss_state(tensors, path)
         if self.ema is not None:
             for name in self.ema:
                 if f"ema.{name}" in tensors:

@@ -6,7 +6,8 @@
   teacher's is the teacher's own image embedding of the same input.
 - ``sigmoid`` (video, 3D; any modality with captions): SigLIP's pairwise sigmoid loss between
   the student's embeddings and the teacher's embeddings of the samples' captions, with a
-  learnable temperature and bias owned by the loss.
+  learnable temperature and bias owned by the loss. Under torchrun each rank's images are
+  compared with the captions of the whole global batch (gathered), as in one process.
 - ``clip_perceptual`` (images, part of L_rec): ``1 - cos`` between the teacher's image
   embeddings of the input and of the reconstruction; gradients reach the reconstruction only.
 
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atoken_core.distributed import gather_rows
 from atoken_core.interfaces import Loss, LossInputs, Teacher
 from atoken_losses import resolve_teacher
 
@@ -66,16 +68,23 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 
 def sigmoid_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, log_t: torch.Tensor | float,
-                 b: torch.Tensor | float) -> torch.Tensor:
+                 b: torch.Tensor | float, offset: int = 0) -> torch.Tensor:
     """SigLIP's loss (Zhai et al. 2023): pair (i, j) is positive iff i == j;
     ``-1/B * sum_ij log sigmoid(z_ij * (exp(log_t) * <x_i, y_j> + b))`` with z = +1 on the diagonal,
-    -1 elsewhere. Embeddings (B, D) are L2-normalised here."""
+    -1 elsewhere. Embeddings (B, D) are L2-normalised here.
+
+    Data parallel: ``txt_emb`` (N, D) may hold the texts of the whole global batch (N >= B), image
+    i's own text being row ``offset + i``; the sum runs over the B local images and all N texts and
+    is still divided by B, so the mean of the ranks' values is the global batch's loss (and the
+    mean of their gradients its gradient)."""
     img_bd = F.normalize(img_emb.float(), dim=-1)
-    txt_bd = F.normalize(txt_emb.float(), dim=-1)
+    txt_nd = F.normalize(txt_emb.float(), dim=-1)
     t = torch.as_tensor(log_t, dtype=torch.float32, device=img_bd.device).exp()
-    logits_bb = t * img_bd @ txt_bd.T + torch.as_tensor(b, dtype=torch.float32, device=img_bd.device)
-    labels_bb = 2 * torch.eye(logits_bb.shape[0], device=logits_bb.device) - 1
-    return -F.logsigmoid(labels_bb * logits_bb).sum() / logits_bb.shape[0]
+    logits_bn = t * img_bd @ txt_nd.T + torch.as_tensor(b, dtype=torch.float32, device=img_bd.device)
+    n_b = logits_bn.shape[0]
+    labels_bn = torch.full(logits_bn.shape, -1.0, device=logits_bn.device)
+    labels_bn[:, offset:offset + n_b] = 2 * torch.eye(n_b, device=logits_bn.device) - 1
+    return -F.logsigmoid(labels_bn * logits_bn).sum() / n_b
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -190,7 +199,10 @@ class SigmoidLoss(_TeacherLoss):
             raise ValueError(f"loss 'sigmoid': {len(texts)} texts for {student_bd.shape[0]} samples; "
                              "LossInputs.texts needs one caption per sample")
         text_bd = teacher.encode_text(texts).to(student_bd.device)
-        return {"sigmoid": sigmoid_loss(student_bd, text_bd, self.log_t, self.bias)}
+        # under torchrun every local image is also a negative of the other ranks' captions, as in
+        # one process over the global batch
+        text_nd, offset = gather_rows(text_bd)
+        return {"sigmoid": sigmoid_loss(student_bd, text_nd, self.log_t, self.bias, offset)}
 
 
 class ClipPerceptualLoss(_TeacherLoss):

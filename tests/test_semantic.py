@@ -101,6 +101,27 @@ def test_sigmoid_loss_matches_an_explicit_double_sum():
     assert float(sigmoid_loss(img, txt, log_t, b)) == pytest.approx(total / 4, rel=1e-6)
 
 
+def test_sigmoid_loss_split_over_ranks_averages_to_the_global_batch():
+    """Data parallel: each of 2 "ranks" holds a strided half of the images (as train_batch_part
+    slices them) and the texts of all ranks in rank order, its own starting at ``offset``; the
+    mean of the ranks' values and of their gradients is the global batch's."""
+    g = torch.Generator().manual_seed(4)
+    img, txt = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, generator=g, dtype=torch.float64)
+    log_t = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    full = sigmoid_loss(img, txt, log_t, b)
+    full_grads = torch.autograd.grad(full, (log_t, b))
+    gathered = torch.cat([txt[0::2], txt[1::2]])
+    parts = [sigmoid_loss(img[r::2], gathered, log_t, b, offset=3 * r) for r in (0, 1)]
+    mean = (parts[0] + parts[1]) / 2
+    torch.testing.assert_close(mean, full)
+    for got, want in zip(torch.autograd.grad(mean, (log_t, b)), full_grads):
+        torch.testing.assert_close(got, want)
+    # a rank alone with its own captions (no gathering) is a different loss
+    alone = (sigmoid_loss(img[0::2], txt[0::2], log_t, b) + sigmoid_loss(img[1::2], txt[1::2], log_t, b)) / 2
+    assert abs(alone.item() - full.item()) > 1e-3
+
+
 def test_sigmoid_module_owns_t_and_b_and_reads_semantic_and_texts():
     loss = SigmoidLoss(SigmoidConfig(**RANDOM))
     assert dict(loss.named_parameters()).keys() == {"log_t", "bias"}
