@@ -22,7 +22,7 @@ Cases (``--cases``: names, or the groups images, videos, 3d, scaling):
 Baselines: ``--image-vae sd-vae`` (diffusers AutoencoderKL, vs_sd_vae.py's SD config) and
 ``--video-vae ltx`` (AutoencoderKLLTXVideo; or wan, cogvideox: several minutes per 17-frame call
 on 2 CPU cores), each from its default config. On CPU, calls of minutes each are left out unless
-``--full``: so400m beyond image256, SD-VAE at 1024^2, the video VAE on 65 frames, 3D at 64^3 for
+``--full``: SD-VAE at 1024^2, the video VAE on 65 frames, 3D at 64^3 for
 flavours beyond tiny; the output lists what was skipped.
 
 Encode = patchify (pixels -> tokens) + encoder + bottleneck mean; decode = decoder + pixel
@@ -376,8 +376,6 @@ def cpu_skip(device: torch.device, full: bool, model: str, case: Case) -> str | 
     """Why a (model, case) pair is left out of a CPU run without --full (or None): cases of minutes each."""
     if device.type != "cpu" or full:
         return None
-    if model == "atoken so400m" and case.name != "image256":
-        return "so400m on CPU: image256 only"
     if model == "SD-VAE" and case.side >= 1024:
         return "SD-VAE at 1024^2 on CPU: minutes per call"
     if model in ("LTX", "Wan", "CogVideoX") and case.frames > 32:
@@ -394,7 +392,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and inputs of every model")
     ap.add_argument("--quick", action="store_true", help="small inputs, one call each: a smoke run")
     ap.add_argument("--full", action="store_true",
-                    help="on CPU, also run what takes minutes per call: so400m beyond image256, SD-VAE at 1024^2, "
+                    help="on CPU, also run what takes minutes per call: SD-VAE at 1024^2, "
                          "the video VAE on 65 frames, 3D at 64^3 for flavours beyond tiny")
     ap.add_argument("--cases", default="images,videos,3d,scaling",
                     help="comma list of case names (image256, ..., scale-images, scale-videos) or groups "
