@@ -20,10 +20,13 @@ checkpointing lowers MFU). tests/test_estimate.py checks that count against torc
 FlopCounterMode for the forward and for forward + backward. MFU = achieved model FLOP/s over the
 device's peak: on CUDA the dense bf16 tensor-core peak of the GPU from NVIDIA's data sheet (or
 ``--peak-tflops``); on CPU there is no data-sheet figure, so the peak is measured here: the
-median FLOP/s of a large matmul in the same dtype ("GEMM" column, also printed for CUDA).
-Memory: CUDA = torch.cuda.max_memory_allocated over the run (weights, AdamW state, activations);
-CPU = the process's peak resident set (VmHWM, reset before each configuration; it includes the
-Python process, torch and the data). Progress goes to stderr, the report to stdout.
+best FLOP/s of large square matmuls in the same dtype ("GEMM" column, also printed for CUDA).
+Memory ("added GiB"): what one setting adds from before its model is built to the peak of its
+warm-up steps (weights, AdamW state, activations, compiled code): CUDA = max_memory_allocated
+minus memory_allocated before; CPU = the resident-set high-water mark (VmHWM, reset first) minus
+the resident set before. On CPU the settings of a flavour are timed interleaved (``--interleave``:
+one step of each per round) so that a drifting machine slows them alike; "best" is the fastest
+step, "step" the median. Progress goes to stderr, the report to stdout.
 """
 
 from __future__ import annotations
@@ -74,18 +77,21 @@ def datasheet_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str
     return None
 
 
-def gemm_flops_per_s(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """Achieved FLOP/s of an n x n x n matmul: the practical ceiling of this device and dtype."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    times = []
-    for i in range(repeats + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        if i:  # the first call is the warm-up
-            times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+def gemm_flops_per_s(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], repeats: int = 8) -> float:
+    """The best FLOP/s of square matmuls of these sizes over ``repeats`` calls each: the practical
+    ceiling of this device and dtype (best, not median: on a shared or boosting CPU the median
+    GEMM can fall below what the model's own matmuls reach a minute later)."""
+    best = 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        a @ b  # warm-up
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
 
 
 def build(flavor: str, device: torch.device) -> AToken:
@@ -94,63 +100,139 @@ def build(flavor: str, device: torch.device) -> AToken:
     return AToken(fl, kl.build(kl.config(), in_dim=fl.width, latent_dim=32)).to(device).train()
 
 
-def run_config(args, flavor: str, compiled: bool, checkpointing: bool, device: torch.device,
-               dtype: torch.dtype) -> dict:
-    torch.manual_seed(0)
-    model = build(flavor, device)
-    model.activation_checkpointing = checkpointing
-    if compiled:
-        model.compile_blocks()
-    registries = get_registries()
-    l1, kl = (registries["loss"].get(k) for k in ("l1", "kl"))
-    l1, kl = l1.build(l1.config()), kl.build(kl.config())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    modality = ImageModality(ImageConfig())
-    images = [torch.rand(3, args.side, args.side) * 2 - 1 for _ in range(args.batch)]
-    target = torch.stack(images).to(device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16
-                else contextlib.nullcontext())
+def footprint(device: torch.device) -> float | None:
+    """Memory held now, GiB: CUDA tensors, or the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated() / 2**30
+    try:
+        return proc_status_kib("VmRSS") / 2**20
+    except (OSError, KeyError):
+        return None
 
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        tokens = modality.patchify(images, model.spec)  # in the step: the trainer patchifies every batch
-        with autocast:
+
+def peak_since_reset(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        return proc_status_kib("VmHWM") / 2**20
+    except (OSError, KeyError):
+        return None
+
+
+class Config:
+    """One (flavour, compile, activation checkpointing) setting: a fresh model, its optimizer and
+    a fixed batch. ``warm_up`` builds and runs the untimed steps and records the memory this
+    configuration added (weights, AdamW state, activations, compiled code); ``step`` is one
+    timed training step."""
+
+    def __init__(self, args, flavor: str, compiled: bool, checkpointing: bool, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.args, self.flavor, self.compiled, self.ac, self.device, self.dtype = (
+            args, flavor, compiled, checkpointing, device, dtype)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def warm_up(self) -> None:
+        args, device = self.args, self.device
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        elif malloc_trim is not None:
+            malloc_trim(0)
+        before = footprint(device)
+        measurable = device.type == "cuda" or reset_hwm()
+        torch.manual_seed(0)
+        self.model = model = build(self.flavor, device)
+        model.activation_checkpointing = self.ac
+        if self.compiled:
+            model.compile_blocks()
+        registries = get_registries()
+        l1, kl = (registries["loss"].get(k) for k in ("l1", "kl"))
+        self.l1, self.kl = l1.build(l1.config()), kl.build(kl.config())
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        self.modality = ImageModality(ImageConfig())
+        self.images = [torch.rand(3, args.side, args.side) * 2 - 1 for _ in range(args.batch)]
+        self.target = torch.stack(self.images).to(device)
+        self.tokens = args.batch * (args.side // model.spec.patch_size) ** 2
+        fwd = forward_flops(model.flavor, 32, model.spec.frame_dim, [self.tokens // args.batch] * args.batch)
+        self.model_flops = 3 * fwd
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup if args.warmup is not None else (3 if self.compiled else 2)):
+            self.step()
+        sync(device)
+        self.warmup_s = time.perf_counter() - t0
+        peak = peak_since_reset(device) if measurable else None
+        self.mem_gib = None if peak is None or before is None else peak - before
+
+    def step(self) -> float:
+        model, device = self.model, self.device
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = self.modality.patchify(self.images, model.spec)  # in the step: the trainer patchifies every batch
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if self.dtype == torch.bfloat16
+              else contextlib.nullcontext()):
             out = model.forward_all(tokens.patches.to(device))
-        recons = modality.unpatchify(tokens.patches.with_features(out.recon.float()), tokens.meta, model.spec)
-        inputs = LossInputs("image", target, torch.stack(recons), out.bottleneck)
-        loss = sum(l1(inputs).values()) + 1e-8 * sum(kl(inputs).values())
+        recons = self.modality.unpatchify(tokens.patches.with_features(out.recon.float()), tokens.meta, model.spec)
+        inputs = LossInputs("image", self.target, torch.stack(recons), out.bottleneck)
+        loss = sum(self.l1(inputs).values()) + 1e-8 * sum(self.kl(inputs).values())
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
         return float(loss.detach())  # the trainer logs it: a host sync every step, as here
 
-    tokens_per_step = args.batch * (args.side // model.spec.patch_size) ** 2
-    fwd = forward_flops(model.flavor, 32, model.spec.frame_dim, [tokens_per_step // args.batch] * args.batch)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    elif malloc_trim is not None:
-        malloc_trim(0)
-    cpu_peak = device.type == "cpu" and reset_hwm()  # each configuration its own process-wide peak
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(args.warmup if args.warmup is not None else (3 if compiled else 2)):
-        step()
-    sync(device)
-    warm = time.perf_counter() - t0
-    times = []
-    losses = []
-    for i in range(args.steps):
+    def timed_step(self) -> None:
         t0 = time.perf_counter()
-        losses.append(step())
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        log(f"  {flavor} compile={compiled} ac={checkpointing}: step {i + 1}/{args.steps} {times[-1]:.3f} s")
-    sec = statistics.median(times)
-    mem = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-           else proc_status_kib("VmHWM") / 2**20 if cpu_peak else None)
-    result = {"flavor": flavor, "params": sum(p.numel() for p in model.parameters()), "compile": compiled,
-              "ac": checkpointing, "warmup_s": warm, "step_s": sec, "tokens": tokens_per_step,
-              "model_flops": 3 * fwd, "mem_gib": mem, "finite": all(map(lambda v: v == v, losses))}
-    return result
+        self.losses.append(self.step())
+        sync(self.device)
+        self.times.append(time.perf_counter() - t0)
+        log(f"  {self.flavor} compile={self.compiled} ac={self.ac}: step {len(self.times)}/{self.args.steps} "
+            f"{self.times[-1]:.3f} s")
+
+    def result(self) -> dict:
+        return {"flavor": self.flavor, "params": sum(p.numel() for p in self.model.parameters()),
+                "compile": self.compiled, "ac": self.ac, "warmup_s": self.warmup_s,
+                "step_s": statistics.median(self.times), "best_s": min(self.times), "tokens": self.tokens,
+                "model_flops": self.model_flops, "mem_gib": self.mem_gib,
+                "finite": all(v == v for v in self.losses)}
+
+    def release(self) -> None:
+        del self.model, self.optimizer
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_flavor(args, flavor: str, settings: list[tuple[bool, bool]], device: torch.device,
+               dtype: torch.dtype) -> list[dict]:
+    """Every setting of one flavour. Interleaved: all are built and warmed up, then timed in
+    rounds (one step of each per round), so a machine whose speed drifts (a shared VM, CPU boost)
+    slows every setting alike and the ratios hold; sequential: one setting at a time (for
+    settings that do not fit in memory together)."""
+    configs = [Config(args, flavor, c, a, device, dtype) for c, a in settings]
+    rows = []
+    if args.interleave:
+        for cfg in configs:
+            log(f"{flavor}: compile={cfg.compiled} activation_checkpointing={cfg.ac}: build + warm-up")
+            cfg.warm_up()
+        for _ in range(args.steps):
+            for cfg in configs:
+                cfg.timed_step()
+        rows = [cfg.result() for cfg in configs]
+        for cfg in configs:
+            cfg.release()
+        return rows
+    for cfg in configs:
+        log(f"{flavor}: compile={cfg.compiled} activation_checkpointing={cfg.ac}")
+        try:
+            cfg.warm_up()
+            for _ in range(args.steps):
+                cfg.timed_step()
+            rows.append(cfg.result())
+            cfg.release()
+        except torch.OutOfMemoryError as err:
+            log(f"{flavor} compile={cfg.compiled} ac={cfg.ac}: out of memory ({err})")
+            rows.append({"flavor": flavor, "compile": cfg.compiled, "ac": cfg.ac, "oom": True})
+    return rows
 
 
 def main() -> None:
@@ -165,6 +247,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2, 3 with compile)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on CUDA)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: data sheet / GEMM)")
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                    help="time the settings of a flavour in alternating rounds (default: on CPU, off on CUDA, "
+                         "where all settings of so400m would not fit at once)")
     ap.add_argument("--quick", action="store_true", help="tiny only, batch 2 at 64^2, one timed step: a smoke run")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -177,6 +262,7 @@ def main() -> None:
     if args.quick:
         flavors, args.batch, args.side, args.steps = ["tiny"], 2, 64, args.steps or 1
     args.batch = args.batch or (32 if cuda else 4)
+    args.interleave = (not cuda) if args.interleave is None else args.interleave
     args.steps = args.steps or (20 if cuda else 3)
     unknown = [f for f in flavors if f not in FLAVORS]
     if unknown:
@@ -192,28 +278,17 @@ def main() -> None:
         return [values[v] for v in text.split(",")]
 
     compiles, acs = onoff(args.compile, "compile"), onoff(args.ac, "ac")
-    gemm = gemm_flops_per_s(device, dtype, 8192 if cuda else 2048)
+    gemm = gemm_flops_per_s(device, dtype, (4096, 8192) if cuda else (1024, 2048, 4096))
     sheet = datasheet_peak(device, dtype)
     if args.peak_tflops:
         peak, peak_src = args.peak_tflops * 1e12, f"--peak-tflops {args.peak_tflops:g}"
     elif sheet:
         peak, peak_src = sheet
     else:
-        peak, peak_src = gemm, f"measured {args.dtype} GEMM peak, {gemm / 1e12:.3f} TFLOP/s"
+        peak, peak_src = gemm, f"best measured {args.dtype} GEMM, {gemm / 1e12:.3f} TFLOP/s"
 
-    rows = []
-    for flavor in flavors:
-        for compiled in compiles:
-            for ac in acs:
-                log(f"{flavor}: compile={compiled} activation_checkpointing={ac}")
-                try:
-                    rows.append(run_config(args, flavor, compiled, ac, device, dtype))
-                except torch.OutOfMemoryError as err:
-                    log(f"{flavor} compile={compiled} ac={ac}: out of memory ({err})")
-                    rows.append({"flavor": flavor, "compile": compiled, "ac": ac, "oom": True})
-                gc.collect()  # the model and its optimizer state go before the next configuration
-                if cuda:
-                    torch.cuda.empty_cache()
+    settings = [(c, a) for c in compiles for a in acs]
+    rows = [row for flavor in flavors for row in run_flavor(args, flavor, settings, device, dtype)]
 
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(f"command: python benchmarks/train_step.py {shlex.join(sys.argv[1:])}")
@@ -221,22 +296,23 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; dtype {args.dtype} "
           f"({'autocast, fp32 master weights' if dtype == torch.bfloat16 else 'weights and compute'})")
     print(f"step: {args.batch} x {args.side}^2 images, L1 + KL, AdamW; warm-up {args.warmup or '2-3'} steps, "
-          f"median of {args.steps}; MFU peak: {peak_src}; GEMM: measured {args.dtype} matmul "
-          f"{gemm / 1e12:.3f} TFLOP/s")
+          f"median of {args.steps} ({'interleaved' if args.interleave else 'one setting at a time'}); "
+          f"MFU peak: {peak_src}; GEMM: best measured {args.dtype} matmul {gemm / 1e12:.3f} TFLOP/s")
     print()
-    print("| flavour | params | compile | act. ckpt | tokens/step | step s | tokens/s | images/s | model TFLOP/step "
-          "| TFLOP/s | MFU | vs GEMM | peak mem GiB | warm-up s | step time vs first row |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| flavour | params | compile | act. ckpt | tokens/step | step s | best s | tokens/s | images/s "
+          "| model TFLOP/step | TFLOP/s | MFU | vs GEMM | added GiB | warm-up s | step vs first row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     first = None
     for r in rows:
         if r.get("oom"):
-            print(f"| {r['flavor']} | | {r['compile']} | {r['ac']} | out of memory |" + " |" * 10)
+            print(f"| {r['flavor']} | | {r['compile']} | {r['ac']} | out of memory |" + " |" * 11)
             continue
         first = first or r["step_s"]
         achieved = r["model_flops"] / r["step_s"]
         mem = "n/a" if r["mem_gib"] is None else f"{r['mem_gib']:.2f}"
         print(f"| {r['flavor']} | {r['params'] / 1e6:.1f}M | {'on' if r['compile'] else 'off'} | "
-              f"{'on' if r['ac'] else 'off'} | {r['tokens']:,} | {r['step_s']:.3f} | {r['tokens'] / r['step_s']:,.0f} | "
+              f"{'on' if r['ac'] else 'off'} | {r['tokens']:,} | {r['step_s']:.3f} | {r['best_s']:.3f} | "
+              f"{r['tokens'] / r['step_s']:,.0f} | "
               f"{args.batch / r['step_s']:.2f} | {r['model_flops'] / 1e12:.3f} | {achieved / 1e12:.3f} | "
               f"{100 * achieved / peak:.1f}% | {100 * achieved / gemm:.1f}% | {mem} | {r['warmup_s']:.1f} | "
               f"{r['step_s'] / first:.2f} |" + ("" if r["finite"] else " (non-finite loss)"))
