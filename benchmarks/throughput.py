@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from _timing import malloc_trim, median_seconds, proc_status_kib, reset_hwm
+from _timing import PeakMemory, median_seconds
 
 from atoken_core.flavors import FLAVORS
 from atoken_core.model import AToken
@@ -91,56 +91,6 @@ def make_cases(quick: bool, voxels: int) -> list[Case]:
     return [Case("image256", "image", 256), Case("image512", "image", 512), Case("image1024", "image", 1024),
             Case("video17", "video", 256, 17), Case("video65", "video", 256, 65, tiled=True),
             Case("3d", "3d", voxels=voxels)]
-
-
-# ---------------------------------------------------------------------------- peak memory
-
-
-class PeakMemory:
-    """Peak memory of one call above what the process held just before it (model and inputs
-    loaded). CUDA: ``torch.cuda.max_memory_allocated``. CPU: the peak resident set, the quantity
-    temporal_tiling.py measures (there ru_maxrss of a fresh process per case); here the kernel's
-    high-water mark VmHWM is reset in-process (``/proc/self/clear_refs`` = 5) after handing freed
-    heap back to the OS (``malloc_trim``), so every call of one process gets its own peak."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cpu_ok = device.type == "cpu" and reset_hwm()
-
-    def describe(self) -> str:
-        if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated during the call minus memory_allocated before it (tensors only)"
-        if self.cpu_ok:
-            return ("peak resident set size (RSS; not tracemalloc) during the call minus the RSS before it, model and "
-                    "input loaded: VmHWM of /proc/self/status, reset via /proc/self/clear_refs after malloc_trim "
-                    "(temporal_tiling.py reads the same high-water mark as ru_maxrss of a fresh process)")
-        return "not available (cannot reset /proc/self VmHWM here)"
-
-    def run(self, fn: Callable[[], Any]) -> tuple[Any, float, float | None]:
-        """(output, seconds, peak MiB or None) of one call of ``fn``."""
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            out = fn()
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            return out, dt, (torch.cuda.max_memory_allocated() - base) / 2**20
-        if not self.cpu_ok:
-            t0 = time.perf_counter()
-            out = fn()
-            return out, time.perf_counter() - t0, None
-        if malloc_trim is not None:
-            malloc_trim(0)
-        reset_hwm()
-        base = proc_status_kib("VmRSS")
-        t0 = time.perf_counter()
-        out = fn()
-        dt = time.perf_counter() - t0
-        return out, dt, max(proc_status_kib("VmHWM") - base, 0) / 1024
 
 
 # ---------------------------------------------------------------------------- timing

@@ -41,7 +41,7 @@ import sys
 import time
 
 import torch
-from _timing import malloc_trim, proc_status_kib, reset_hwm
+from _timing import PeakMemory
 
 from atoken_core.estimate import forward_flops
 from atoken_core.flavors import FLAVORS
@@ -100,25 +100,6 @@ def build(flavor: str, device: torch.device) -> AToken:
     return AToken(fl, kl.build(kl.config(), in_dim=fl.width, latent_dim=32)).to(device).train()
 
 
-def footprint(device: torch.device) -> float | None:
-    """Memory held now, GiB: CUDA tensors, or the process's resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated() / 2**30
-    try:
-        return proc_status_kib("VmRSS") / 2**20
-    except (OSError, KeyError):
-        return None
-
-
-def peak_since_reset(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        return proc_status_kib("VmHWM") / 2**20
-    except (OSError, KeyError):
-        return None
-
-
 class Config:
     """One (flavour, compile, activation checkpointing) setting: a fresh model, its optimizer and
     a fixed batch. ``warm_up`` builds and runs the untimed steps and records the memory this
@@ -133,15 +114,11 @@ class Config:
         self.losses: list[float] = []
 
     def warm_up(self) -> None:
+        _, _, peak_mib = PeakMemory(self.device).run(self._build_and_warm_up)
+        self.mem_gib = None if peak_mib is None else peak_mib / 1024
+
+    def _build_and_warm_up(self) -> None:
         args, device = self.args, self.device
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        elif malloc_trim is not None:
-            malloc_trim(0)
-        before = footprint(device)
-        measurable = device.type == "cuda" or reset_hwm()
         torch.manual_seed(0)
         self.model = model = build(self.flavor, device)
         model.activation_checkpointing = self.ac
@@ -163,8 +140,6 @@ class Config:
             self.step()
         sync(device)
         self.warmup_s = time.perf_counter() - t0
-        peak = peak_since_reset(device) if measurable else None
-        self.mem_gib = None if peak is None or before is None else peak - before
 
     def step(self) -> float:
         model, device = self.model, self.device
