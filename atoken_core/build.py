@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from atoken_core.flavors import FLAVORS
 from atoken_core.model import AToken
 from atoken_core.recipe import ComponentSpec, Recipe
 from atoken_core.registry import Registries
@@ -16,7 +15,7 @@ def build_bottleneck(spec: ComponentSpec, registries: Registries, *, in_dim: int
 
 def build_model(recipe: Recipe, registries: Registries, bottleneck: ComponentSpec | None = None,
                 latent_dim: int | None = None) -> AToken:
-    flavor = FLAVORS[recipe.model.flavor]
+    flavor = recipe.model.resolved_flavor()
     spec = bottleneck or recipe.bottleneck
     bottleneck_module = build_bottleneck(spec, registries, in_dim=flavor.width,
                                          latent_dim=latent_dim or recipe.model.latent_dim)

@@ -102,8 +102,39 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     return tensors, meta
 
 
+def listed(items: list[str], limit: int = 8) -> str:
+    """The first ``limit`` items, comma-separated, and how many more there are."""
+    more = f" ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def mismatch_lines(missing: list[str], unexpected: list[str], shapes: list[str], limit: int = 8) -> list[str]:
+    """One line each for the missing and unexpected tensor names and for (up to ``limit``)
+    shape mismatches: what every strict loader here reports, all at once."""
+    lines = []
+    if missing:
+        lines.append(f"missing keys ({len(missing)}): {listed(missing, limit)}")
+    if unexpected:
+        lines.append(f"unexpected keys ({len(unexpected)}): {listed(unexpected, limit)}")
+    lines += [f"shape mismatch {line}" for line in shapes[:limit]]
+    if len(shapes) > limit:
+        lines.append(f"... and {len(shapes) - limit} more shape mismatches")
+    return lines
+
+
+# Tensors earlier versions wrote that this one does not read, with what changed.
+RETIRED = {
+    "attn.rope_gate": "written by atoken 0.1, whose SigLIP flavours blended RoPE in through a gate "
+                      "(q + g * (rope(q) - q), attn.rope_gate); 0.2 replaced it by a frequency scale "
+                      "(attn.rope_scale) that keeps attention a function of coordinate differences. The two "
+                      "compute different things, so these weights cannot be carried over: import SigLIP2 again "
+                      "(model.init) and retrain",
+}
+
+
 def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``model.*`` tensors strictly; on any difference list every one of them."""
+    """Load ``model.*`` tensors strictly; on any difference list every one of them (and say what
+    changed when they come from an earlier version of atoken)."""
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -114,14 +145,10 @@ def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], s
         if state[k].shape != own[k].shape
     ]
     if missing or unexpected or shapes:
-        lines = [f"{source}: checkpoint does not match this model architecture"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-        for line in shapes[:8]:
-            lines.append(f"  shape mismatch {line}")
-        raise CheckpointError("\n".join(lines))
+        lines = mismatch_lines(missing, unexpected, shapes)
+        lines += [f"{suffix}: {why}" for suffix, why in RETIRED.items()
+                  if any(k.endswith("." + suffix) for k in unexpected)]
+        raise CheckpointError("\n  ".join([f"{source}: checkpoint does not match this model architecture", *lines]))
     model.load_state_dict(state, strict=True)
 
 

@@ -271,7 +271,7 @@ def run_eval(ckpt: str, data: str, out: str, registries: Registries, options: Ev
         raise EvalError(f"--metrics {','.join(fd)}: a Fréchet distance needs at least 2 samples, {data} has {len(samples)}")
     names = [n for n, _ in samples]
     inputs = [x for _, x in samples]
-    targets = modality.targets(inputs)
+    targets = modality.targets(inputs, model.spec)
     shapes = {n: list(t.shape) for n, t in zip(names, targets)}
 
     per_sample: dict[str, dict[str, float]] = {n: {} for n in names}

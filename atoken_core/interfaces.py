@@ -64,10 +64,10 @@ class Modality(abc.ABC):
         (images and videos decode to patch pixels; 3D decodes to Gaussian parameters)."""
         return None
 
-    def targets(self, samples: Sequence[Any]) -> list[torch.Tensor]:
+    def targets(self, samples: Sequence[Any], spec: PatchSpec) -> list[torch.Tensor]:
         """What :meth:`unpatchify` of a perfect reconstruction would return for ``samples``, the
-        tensors losses and metrics compare with (the samples themselves for pixel modalities;
-        the rendered target views for 3D)."""
+        tensors losses and metrics compare with (the samples themselves for pixel modalities, or
+        the part of them that was tokenised; the rendered target views for 3D)."""
         return list(samples)
 
     def save_reconstruction(self, recon: Sparse4D, meta: list[dict[str, Any]], spec: PatchSpec,
@@ -122,8 +122,8 @@ class Bottleneck(nn.Module, abc.ABC):
         """Copy a smaller bottleneck of the same kind into this one's first channels."""
         raise NotImplementedError(f"{type(self).__name__} cannot grow its latent")
 
-    def latent_projection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(weight (latent_dim, in_dim), bias) of the linear map to the deterministic latent
+    def latent_projection(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight (latent_dim, in_dim), bias or None) of the linear map to the deterministic latent
         before any squashing (KL: the mean rows of W_r), for bottlenecks that have one."""
         return None
 

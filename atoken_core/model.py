@@ -16,40 +16,79 @@ from torch import nn
 
 from atoken_core.flavors import FLAVORS, Flavor
 from atoken_core.interfaces import Bottleneck, BottleneckOutput, PatchSpec
-from atoken_core.sparse import Sparse4D
+from atoken_core.sparse import AXES, Sparse4D
 
 __all__ = ["FLAVORS", "AToken", "Flavor", "RoPE4D"]
 
 
 class RoPE4D(nn.Module):
     """Rotary embedding over (t, x, y, z): the head dimension is split into four equal groups
-    of rotation pairs, one group per axis, so a query-key score depends only on the
-    coordinate difference along every axis. Dimensions left over (head_dim not divisible by
-    8) are not rotated."""
+    of rotation pairs (adjacent channels), one group per axis in the order ``axes``, so a
+    query-key score depends only on the coordinate difference along every axis. Pair ``j`` of
+    a group turns at ``theta^(-j / n)`` per unit of its coordinate (``n = head_dim // 8`` pairs
+    per axis). Dimensions left over (head_dim not divisible by 8) are not rotated."""
 
-    def __init__(self, head_dim: int, theta: float = 100.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 100.0, axes: tuple[str, ...] = AXES) -> None:
         super().__init__()
         self.pairs_per_axis = head_dim // 8
         if self.pairs_per_axis == 0:
             raise ValueError(f"head_dim {head_dim} is too small for 4D RoPE (needs >= 8)")
+        if sorted(axes) != sorted(AXES):
+            raise ValueError(f"RoPE axes must order {AXES}, got {axes!r}")
         n = self.pairs_per_axis
         freqs = theta ** (-torch.arange(n, dtype=torch.float64) / n)
         self.register_buffer("freqs", freqs.float(), persistent=False)
+        self.register_buffer("axis_index", torch.tensor([AXES.index(a) for a in axes]), persistent=False)
 
     def angles(self, coords: torch.Tensor) -> torch.Tensor:
-        """(L, 4) integer coords -> (L, 4 * pairs) rotation angles."""
-        ang = coords.to(self.freqs.dtype)[:, :, None] * self.freqs  # (L, 4, n)
+        """(L, 4) integer coords [t, x, y, z] -> (L, 4 * pairs) rotation angles, axis groups in
+        the order ``axes``."""
+        ang = coords[:, self.axis_index].to(self.freqs.dtype)[:, :, None] * self.freqs  # (L, 4, n)
         return ang.flatten(1)
 
-    def forward(self, x_lhd: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x_lhd: torch.Tensor, cos_lp: torch.Tensor, sin_lp: torch.Tensor) -> torch.Tensor:
         rot = 8 * self.pairs_per_axis
         x_rot, x_pass = x_lhd[..., :rot], x_lhd[..., rot:]
         pairs = x_rot.float().unflatten(-1, (-1, 2))  # (L, H, 4n, 2)
-        cos = angles.cos()[:, None, :]
-        sin = angles.sin()[:, None, :]
+        cos, sin = cos_lp[:, None, :], sin_lp[:, None, :]
         a, b = pairs[..., 0], pairs[..., 1]
         rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
         return torch.cat((rotated.to(x_lhd.dtype), x_pass), dim=-1)
+
+    def forward(self, x_lhd: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+        return self.rotate(x_lhd, angles.cos(), angles.sin())
+
+
+class RMSNorm(nn.Module):
+    """``x * rsqrt(mean(x^2) + eps) * weight``, normalised in float32 (as Apple's decoder does it)."""
+
+    def __init__(self, width: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class HeadRMSNorm(nn.Module):
+    """QK-norm: each head's query (or key) scaled to norm sqrt(head_dim), times a learned gain
+    per head and channel (``gamma``, (heads, head_dim))."""
+
+    def __init__(self, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(heads, head_dim))
+
+    def forward(self, x_lhd: torch.Tensor) -> torch.Tensor:
+        y = F.normalize(x_lhd.float(), dim=-1) * self.gamma.float() * math.sqrt(x_lhd.shape[-1])
+        return y.to(x_lhd.dtype)
+
+
+def make_norm(kind: str, width: int) -> nn.Module:
+    """A block's norm: LayerNorm (with bias) or RMSNorm, eps 1e-6 (Flavor.decoder_norm)."""
+    return RMSNorm(width, eps=1e-6) if kind == "rmsnorm" else nn.LayerNorm(width, eps=1e-6)
 
 
 @attrs.frozen
@@ -100,32 +139,35 @@ KV = tuple[torch.Tensor, torch.Tensor]  # cached (keys, values) of one layer, ea
 
 
 class Attention(nn.Module):
-    """Self-attention with 4D RoPE on queries and keys.
+    """Self-attention with 4D RoPE on queries and keys (after QK-norm when it has one).
 
-    With ``rope_gate=True`` a learnable scalar ``g`` blends the rotation in:
-    ``q + g * (rope(q) - q)``. It starts at 1 (plain RoPE) for a model trained from scratch;
-    importing SigLIP2 sets it to 0 so RoPE contributes nothing at initialisation and the
-    encoder reproduces SigLIP2 exactly, then training opens the gate.
+    With ``rope_scale=True`` a learnable scalar ``s`` scales every rotation angle
+    (``s * coord * freq``). For every value of ``s`` this is still a rotation by an angle
+    linear in the coordinate, so scores depend on coordinate differences only. It starts at 1
+    (plain RoPE) for a model trained from scratch; importing SigLIP2 sets it to 0, where no
+    channel turns and the encoder reproduces SigLIP2 exactly; training then moves it.
     """
 
-    def __init__(self, width: int, heads: int, rope: RoPE4D, *, rope_gate: bool = False) -> None:
+    def __init__(self, width: int, heads: int, rope: RoPE4D, *, bias: bool = True, qk_norm: bool = False,
+                 rope_scale: bool = False) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = nn.Linear(width, 3 * width, bias=bias)
+        self.proj = nn.Linear(width, width, bias=bias)
+        self.q_norm = HeadRMSNorm(heads, width // heads) if qk_norm else None
+        self.k_norm = HeadRMSNorm(heads, width // heads) if qk_norm else None
         self.rope = rope
         # one element, not a 0-d scalar: FSDP2's fully_shard cannot shard 0-d parameters
-        self.rope_gate = nn.Parameter(torch.ones(1)) if rope_gate else None
-
-    def rotate(self, x_lhd: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        rotated = self.rope(x_lhd, angles)
-        if self.rope_gate is None:
-            return rotated
-        return x_lhd + self.rope_gate.to(x_lhd.dtype) * (rotated - x_lhd)
+        self.rope_scale = nn.Parameter(torch.ones(1)) if rope_scale else None
 
     def qkv_rotated(self, x_ld: torch.Tensor, angles: torch.Tensor) -> tuple[torch.Tensor, ...]:
         q, k, v = rearrange(self.qkv(x_ld), "l (three h d) -> three l h d", three=3, h=self.heads)
-        return self.rotate(q, angles), self.rotate(k, angles), v
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_scale is not None:
+            angles = angles * self.rope_scale.float()
+        cos, sin = angles.cos(), angles.sin()
+        return self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin), v
 
     def forward(self, x_ld: torch.Tensor, groups: AttentionGroups, angles: torch.Tensor) -> torch.Tensor:
         out = packed_attention(*self.qkv_rotated(x_ld, angles), groups)
@@ -141,12 +183,17 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp: int, rope: RoPE4D, *, rope_gate: bool = False) -> None:
+    """Pre-norm transformer block. ``norm``: "layernorm" or "rmsnorm"; ``bias``: of the
+    attention and MLP linears; ``qk_norm`` and ``rope_scale``: see :class:`Attention`."""
+
+    def __init__(self, width: int, heads: int, mlp: int, rope: RoPE4D, *, norm: str = "layernorm",
+                 bias: bool = True, qk_norm: bool = False, rope_scale: bool = False) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(width, eps=1e-6)
-        self.attn = Attention(width, heads, rope, rope_gate=rope_gate)
-        self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, width))
+        self.norm1 = make_norm(norm, width)
+        self.attn = Attention(width, heads, rope, bias=bias, qk_norm=qk_norm, rope_scale=rope_scale)
+        self.norm2 = make_norm(norm, width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp, bias=bias), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp, width, bias=bias))
 
     def forward(self, x_ld: torch.Tensor, groups: AttentionGroups, angles: torch.Tensor) -> torch.Tensor:
         x_ld = x_ld + self.attn(self.norm1(x_ld), groups, angles)
@@ -238,27 +285,32 @@ class AToken(nn.Module):
         self.spec = PatchSpec(flavor.patch_size, flavor.temporal_patch, channels)
         self.activation_checkpointing = False  # set by the trainer (recipe parallel.activation_checkpointing)
         w = flavor.width
-        self.rope = RoPE4D(flavor.head_dim, flavor.rope_theta)
+        self.rope = RoPE4D(flavor.head_dim, flavor.rope_theta, flavor.rope_axes)
         self.patch_embed = PatchEmbed(self.spec, w)
-        g = flavor.pos_embed_grid
         # SigLIP2-style learned positions (row-major g*g rows, SigLIP2's layout); flavours
         # without them rely on RoPE alone and keep exactly their previous parameters.
+        g = flavor.pos_embed_grid
         self.pos_embed = nn.Parameter(torch.randn(g * g, w) * 0.02) if g else None
         self.encoder = nn.ModuleList(
-            Block(w, flavor.heads, flavor.mlp, self.rope, rope_gate=g is not None) for _ in range(flavor.depth)
+            Block(w, flavor.heads, flavor.mlp, self.rope, rope_scale=flavor.rope_scale) for _ in range(flavor.depth)
         )
         self.encoder_norm = nn.LayerNorm(w, eps=1e-6)
         self.pool_head = AttentionPool(w, flavor.heads, flavor.mlp) if flavor.semantic else None
         # W_s: the pooled vector into the text embedding space (identity after SigLIP2 import,
-        # whose pooled output already lives in its image-text space).
-        self.semantic_proj = nn.Linear(w, flavor.text_dim or w) if flavor.semantic else None
+        # whose pooled output already lives in its image-text space). Apple's release has none.
+        has_ws = flavor.semantic and flavor.text_projection
+        self.semantic_proj = nn.Linear(w, flavor.text_dim or w) if has_ws else None
         self.bottleneck = bottleneck
-        self.decoder_in = nn.Linear(bottleneck.latent_dim, w)
+        bias = flavor.decoder_bias
+        self.decoder_in = nn.Linear(bottleneck.latent_dim, w, bias=bias)
+        gd = flavor.decoder_pos_embed_grid
+        self.decoder_pos_embed = nn.Parameter(torch.randn(gd * gd, w) * 0.02) if gd else None
         self.decoder = nn.ModuleList(
-            Block(w, flavor.heads, flavor.mlp, self.rope) for _ in range(flavor.decoder_depth)
+            Block(w, flavor.heads, flavor.mlp, self.rope, norm=flavor.decoder_norm, bias=bias,
+                  qk_norm=flavor.decoder_qk_norm) for _ in range(flavor.decoder_depth)
         )
-        self.decoder_norm = nn.LayerNorm(w, eps=1e-6)
-        self.pixel_head = nn.Linear(w, flavor.temporal_patch * self.spec.frame_dim)
+        self.decoder_norm = make_norm(flavor.decoder_norm, w)
+        self.pixel_head = nn.Linear(w, flavor.temporal_patch * self.spec.frame_dim, bias=bias)
         # Output heads of modalities that do not decode to patch pixels (3D: Gaussian
         # parameters), by modality name; see :meth:`add_head`.
         self.heads = nn.ModuleDict()
@@ -275,15 +327,16 @@ class AToken(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def position_embeddings(self, tokens: Sparse4D) -> torch.Tensor:
-        """(L, width): the learned grid resized to each sample's (rows, cols) patch grid and
-        read at every token's (y, x). The grid size of a sample is its largest coordinate + 1
-        (images: rows = max y + 1, cols = max x + 1); t and z are ignored, so every frame of a
-        video shares its image's positions."""
-        g = self.flavor.pos_embed_grid
-        grid_ggd = rearrange(self.pos_embed, "(h w) d -> h w d", h=g, w=g)
+    @staticmethod
+    def grid_embeddings(table_nd: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
+        """(L, width): a learned square grid (g*g rows, row-major) resized to each sample's
+        (rows, cols) patch grid and read at every token's [row, col] = [y, x]. The grid size of a
+        sample is its largest coordinate + 1 (images: rows = max y + 1, cols = max x + 1); t and
+        z are ignored, so every frame of a video shares its image's positions."""
+        g = math.isqrt(table_nd.shape[0])
+        grid_ggd = rearrange(table_nd, "(h w) d -> h w d", h=g, w=g)
         x_l, y_l = tokens.coords[:, 1], tokens.coords[:, 2]
-        out = self.pos_embed.new_empty(tokens.num_tokens, self.flavor.width)
+        out = table_nd.new_empty(tokens.num_tokens, table_nd.shape[1])
         bounds = tokens.cu_seqlens.tolist()
         resized: dict[tuple[int, int], torch.Tensor] = {}  # samples of one shape share a resize
         for a, b in itertools.pairwise(bounds):
@@ -295,17 +348,36 @@ class AToken(nn.Module):
             out[a:b] = resized[rows, cols][y_l[a:b], x_l[a:b]]
         return out
 
+    def position_embeddings(self, tokens: Sparse4D) -> torch.Tensor:
+        """The encoder's learned positions for every token (see :meth:`grid_embeddings`)."""
+        return self.grid_embeddings(self.pos_embed, tokens)
+
+    def attention_view(self, tokens: Sparse4D) -> Sparse4D:
+        """The packing the transformer sees: each sample itself, or, for flavours that run videos
+        in independent chunks (``temporal_chunk``), each chunk of a sample as a sample of its
+        own with t restarting at 0 (Apple's 16-frame chunks). Same tokens, same order."""
+        chunk = self.flavor.temporal_chunk
+        return tokens if chunk is None else tokens.chunk_time(chunk)
+
     def embed(self, patches: Sparse4D) -> torch.Tensor:
+        """Patch embedding plus learned positions, of tokens as :meth:`attention_view` packs them."""
         x_ld = self.patch_embed(patches.features)
         if self.pos_embed is not None:
             x_ld = x_ld + self.position_embeddings(patches)
         return x_ld
 
+    def decoder_input(self, latent: Sparse4D) -> torch.Tensor:
+        x_ld = self.decoder_in(latent.features)
+        if self.decoder_pos_embed is not None:
+            x_ld = x_ld + self.grid_embeddings(self.decoder_pos_embed, latent)
+        return x_ld
+
     def encode(self, patches: Sparse4D) -> torch.Tensor:
         """Patch pixels (L, frames*p*p*C) -> encoder features (L, width)."""
-        angles = self.rope.angles(patches.coords)
-        x_ld = self.embed(patches)
-        groups = AttentionGroups.of(patches)
+        view = self.attention_view(patches)
+        angles = self.rope.angles(view.coords)
+        x_ld = self.embed(view)
+        groups = AttentionGroups.of(view)
         for block in self.encoder:
             x_ld = self._run_block(block, x_ld, groups, angles)
         return self.encoder_norm(x_ld)
@@ -332,6 +404,10 @@ class AToken(nn.Module):
         accumulates is the result, not every tile's hidden states."""
         if tokens.batch_size != 1:
             raise ValueError("temporal tiling runs on one sample at a time")
+        if self.flavor.temporal_chunk is not None:
+            raise ValueError(f"this flavour runs videos in independent chunks of {self.flavor.temporal_chunk} latent "
+                             "frames (temporal_chunk): encode/decode already work chunk by chunk; KV-cached tiles "
+                             "would compute something else")
         if tile_blocks < 1:
             raise ValueError(f"tile_blocks must be >= 1, got {tile_blocks}")
         tile_l = tokens.coords[:, 0] // tile_blocks
@@ -367,7 +443,7 @@ class AToken(nn.Module):
     def decode_tiled(self, latent: Sparse4D, tile_blocks: int, frames: int = 1) -> torch.Tensor:
         """:meth:`decode` of one long video in temporal tiles, each tile turned into pixels as
         soon as it is decoded."""
-        return self._run_tiled(self.decoder, lambda part: self.decoder_in(part.features), self.decoder_norm,
+        return self._run_tiled(self.decoder, self.decoder_input, self.decoder_norm,
                                latent, tile_blocks, lambda x_ld, part: self._to_pixels(x_ld, part.features, frames))
 
     def pool(self, features: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
@@ -377,8 +453,10 @@ class AToken(nn.Module):
         return self.pool_head(features, tokens)
 
     def semantic_embedding(self, features: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
-        """(B, text_dim): W_s applied to the pooled vector, for image-text similarity."""
-        return self.semantic_proj(self.pool(features, tokens))
+        """(B, text_dim): W_s applied to the pooled vector (the pooled vector itself for flavours
+        without W_s), for image-text similarity; not normalised."""
+        pooled = self.pool(features, tokens)
+        return pooled if self.semantic_proj is None else self.semantic_proj(pooled)
 
     def add_head(self, name: str, out_dim: int) -> None:
         """Give modality ``name`` its own linear output head on the shared decoder."""
@@ -393,9 +471,10 @@ class AToken(nn.Module):
     def decode(self, latent: Sparse4D, frames: int = 1, head: str | None = None) -> torch.Tensor:
         """Latent (L, latent_dim) -> patch pixels (L, frames*p*p*C), or the outputs of the
         modality head ``head`` (L, out_dim)."""
-        angles = self.rope.angles(latent.coords)
-        x_ld = self.decoder_in(latent.features)
-        groups = AttentionGroups.of(latent)
+        view = self.attention_view(latent)
+        angles = self.rope.angles(view.coords)
+        x_ld = self.decoder_input(view)
+        groups = AttentionGroups.of(view)
         for block in self.decoder:
             x_ld = self._run_block(block, x_ld, groups, angles)
         x_ld = self.decoder_norm(x_ld)
@@ -448,15 +527,18 @@ class AToken(nn.Module):
             return
 
         def widened(layer: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-            out = nn.Linear(in_features, out_features).to(layer.weight.device, layer.weight.dtype)
+            out = nn.Linear(in_features, out_features, bias=layer.bias is not None).to(layer.weight.device,
+                                                                                       layer.weight.dtype)
             nn.init.zeros_(out.weight)
             out.weight[: layer.out_features, : layer.in_features].copy_(layer.weight)
-            out.bias.zero_()
-            out.bias[: layer.out_features].copy_(layer.bias)
+            if layer.bias is not None:
+                out.bias.zero_()
+                out.bias[: layer.out_features].copy_(layer.bias)
             return out
 
         if not grow:
-            self.decoder_in = nn.Linear(n, self.flavor.width).to(self.decoder_in.weight.device)
+            self.decoder_in = nn.Linear(n, self.flavor.width, bias=self.flavor.decoder_bias).to(
+                self.decoder_in.weight.device)
             self._init_linear(self.decoder_in)
         else:
             self.decoder_in = widened(self.decoder_in, n, self.flavor.width)
@@ -489,7 +571,8 @@ class AToken(nn.Module):
         self.shortcut_out.weight.copy_((basis_kd * scale_k[:, None]).T.repeat(frames, 1))
         self.shortcut_out.bias.copy_(mean_d.repeat(frames))
         nn.init.zeros_(self.pixel_head.weight)
-        nn.init.zeros_(self.pixel_head.bias)
+        if self.pixel_head.bias is not None:
+            nn.init.zeros_(self.pixel_head.bias)
         self.bottleneck.zero_init_projection()
 
     def num_params(self) -> dict[str, int]:
@@ -500,10 +583,11 @@ class AToken(nn.Module):
             "encoder": count([self.patch_embed, self.encoder, self.encoder_norm])
             + (self.pos_embed.numel() if self.pos_embed is not None else 0),
             "bottleneck": count([self.bottleneck]),
-            "decoder": count([self.decoder_in, self.decoder, self.decoder_norm, self.pixel_head, self.heads]),
+            "decoder": count([self.decoder_in, self.decoder, self.decoder_norm, self.pixel_head, self.heads])
+            + (self.decoder_pos_embed.numel() if self.decoder_pos_embed is not None else 0),
         }
         if self.pool_head is not None:
-            counts["semantic"] = count([self.pool_head, self.semantic_proj])
+            counts["semantic"] = count([self.pool_head] + ([self.semantic_proj] if self.semantic_proj else []))
         if self.shortcut_in is not None:
             counts["shortcut"] = count([self.shortcut_in, self.shortcut_out])
         return counts

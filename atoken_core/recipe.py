@@ -10,6 +10,7 @@ in one message.
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import attrs
 import fsspec
 
 from atoken_core.config import ConfigError, apply_override, load_toml, structure, unstructure
-from atoken_core.flavors import FLAVORS
+from atoken_core.flavors import FLAVORS, Flavor, resolve_flavor
 from atoken_core.registry import Registries, RegistryError
 
 def doc(text: str, **kwargs: Any) -> Any:
@@ -53,7 +54,13 @@ def _check_init(attribute: attrs.Attribute, value: str) -> None:
 @attrs.define(kw_only=True)
 class ModelConfig:
     flavor: str = doc("named size preset from atoken_core.flavors.FLAVORS", default="tiny", validator=_known_flavor)
-    latent_dim: int = doc("channels of the reconstruction latent z_r (32 in stage 1, 48 from stage 2)", default=32)
+    flavor_overrides: dict[str, Any] = doc(
+        "fields of the flavour replaced for this recipe (names and types as in atoken_core.flavors.Flavor), "
+        "e.g. {width = 32, depth = 2, decoder_depth = 2, heads = 2, mlp = 80}", factory=dict)
+    latent_dim: int | None = doc(
+        "channels of the reconstruction latent z_r (32 in stage 1, 48 from stage 2); default: the flavour's "
+        "(flavours of released weights fix it), else 32", default=None,
+        validator=attrs.validators.optional(attrs.validators.ge(1)))
     init: str = doc(
         "'' (random initialisation) or 'siglip2:PATH': import a Hugging Face SigLIP2 vision tower "
         "(local file or fsspec URI) into the encoder before the first step",
@@ -64,6 +71,10 @@ class ModelConfig:
         "transformer, started at the PCA solution of the training patches",
         default="none", validator=attrs.validators.in_(["none", "pca"]),
     )
+
+    def resolved_flavor(self) -> Flavor:
+        """The flavour with this recipe's ``flavor_overrides`` applied (validated by :func:`validate`)."""
+        return resolve_flavor(self.flavor, self.flavor_overrides)
 
 
 @attrs.define(kw_only=True)
@@ -215,10 +226,65 @@ def _check_own_fields(spec: ComponentSpec, path: str, problems: list[str]) -> No
             problems.extend(err.problems)
 
 
+def _check_flavor(recipe: Recipe, problems: list[str]) -> Flavor | None:
+    """Type-check ``model.flavor_overrides`` field by field, then build the flavour (its own
+    validators run); the flavour, or None when it cannot be built."""
+    model = recipe.model
+    if model.flavor not in FLAVORS:
+        return None  # reported by ModelConfig's validator
+    fields = {f.name: f for f in attrs.fields(attrs.resolve_types(Flavor))}
+    typed, ok = {}, True
+    for key, value in model.flavor_overrides.items():
+        where = f"model.flavor_overrides.{key}"
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            problems.append(f"{where}: not a flavour field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            ok = False
+            continue
+        try:
+            typed[key] = structure(value, fields[key].type, where)
+        except ConfigError as err:
+            problems.extend(err.problems)
+            ok = False
+    if not ok:
+        return None
+    try:
+        flavor = resolve_flavor(model.flavor, typed)
+    except (ValueError, TypeError) as err:
+        problems.append(f"model.flavor_overrides: {err}")
+        return None
+    model.flavor_overrides = typed
+    return flavor
+
+
+def _check_released_weights_layout(recipe: Recipe, flavor: Flavor, problems: list[str]) -> None:
+    """Flavours of released weights fix the first stage's latent width and bottleneck."""
+    name = recipe.model.flavor
+    if flavor.latent_dim is not None:
+        if recipe.model.latent_dim is None:
+            recipe.model.latent_dim = flavor.latent_dim
+        elif recipe.model.latent_dim != flavor.latent_dim:
+            problems.append(f"model.latent_dim: flavour {name!r} has a {flavor.latent_dim}-channel latent, "
+                            f"got {recipe.model.latent_dim}")
+    spec = recipe.bottleneck
+    if flavor.bottleneck is not None and spec.kind != flavor.bottleneck:
+        problems.append(f"bottleneck.kind: flavour {name!r} uses {flavor.bottleneck!r}, got {spec.kind!r}")
+    elif spec.config is not None:
+        for key, want in flavor.bottleneck_settings:
+            have = getattr(spec.config, key, None)
+            if (list(have) if isinstance(have, (list, tuple)) else have) != (list(want) if isinstance(want, tuple) else want):
+                problems.append(f"bottleneck.{key}: flavour {name!r} needs {want!r}, got {have!r}")
+
+
 def validate(recipe: Recipe, registries: Registries) -> Recipe:
     """Resolve every ``kind`` and structure every component table; raise all problems at once."""
     problems: list[str] = []
     _check_component(recipe.bottleneck, "bottleneck", "bottleneck", registries, problems)
+    flavor = _check_flavor(recipe, problems)
+    if flavor is not None:
+        _check_released_weights_layout(recipe, flavor, problems)
+    if recipe.model.latent_dim is None:
+        recipe.model.latent_dim = 32
     for i, spec in enumerate(recipe.loss):
         _check_own_fields(spec, f"loss[{i}]", problems)
         _check_component(spec, "loss", f"loss[{i}]", registries, problems)

@@ -8,7 +8,8 @@ SigLIP2's features exactly:
   frames stay zero, so a still image embeds as in SigLIP2 (both flatten patches channel-last).
 - separate q/k/v projections become our fused ``qkv`` (rows q, then k, then v).
 - the learned position grid is kept (``pos_embed``, resized per sample as SigLIP2 does);
-  every block's RoPE gate is set to 0 so 4D RoPE contributes nothing until training opens it.
+  every block's RoPE frequency scale is set to 0 (flavours with ``rope_scale``), so 4D RoPE
+  turns nothing until training moves it.
 - the attention-pooling ``head`` becomes ``pool_head``.
 
 A file that does not fit the flavour is refused with one message listing every problem;
@@ -22,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from atoken_core.checkpoint import CheckpointError
+from atoken_core.checkpoint import CheckpointError, listed, mismatch_lines
 from atoken_core.flavors import Flavor
 from atoken_core.io import read_safetensors
 
@@ -60,11 +61,6 @@ def load_siglip2_vision_state(path: str) -> dict[str, torch.Tensor]:
             continue
         state[key.removeprefix(_VISION_PREFIX)] = value
     return state
-
-
-def _listed(keys: list[str]) -> str:
-    more = f" ... (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-    return ", ".join(keys[:_MAX_LISTED]) + more
 
 
 def _layer_indices(state: dict[str, torch.Tensor]) -> set[int]:
@@ -190,20 +186,14 @@ def convert_siglip2_state(
     state: dict[str, torch.Tensor], flavor: Flavor, *, channels: int = 3, source: str = "SigLIP2 weights"
 ) -> dict[str, torch.Tensor]:
     """SigLIP2 vision tensors -> our encoder-side state dict (keys as in ``AToken.state_dict()``),
-    rope gates at 0. Raises :class:`SigLIP2ImportError` listing every problem if they do not fit."""
+    RoPE frequency scales at 0. Raises :class:`SigLIP2ImportError` listing every problem if they do not fit."""
     expected = _expected_shapes(flavor, channels)
     problems = _architecture_problems(state, flavor, channels)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs expected {expected[k]}"
               for k in sorted(set(expected) & set(state)) if tuple(state[k].shape) != expected[k]]
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_listed(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
-    problems += [f"shape mismatch {line}" for line in shapes[:_MAX_LISTED]]
-    if len(shapes) > _MAX_LISTED:
-        problems.append(f"... and {len(shapes) - _MAX_LISTED} more shape mismatches")
+    problems += mismatch_lines(missing, unexpected, shapes, _MAX_LISTED)
     if problems:
         head = (f"{source}: does not fit the flavour (width {flavor.width}, depth {flavor.depth}, "
                 f"patch {flavor.patch_size}):")
@@ -211,9 +201,10 @@ def convert_siglip2_state(
     rules = _rules(flavor, flavor.temporal_patch)
     out = {ours: fn(*(state[k] for k in keys)) for ours, (keys, fn) in rules.items()}
     dtype = out["patch_embed.weight"].dtype
-    for i in range(flavor.depth):
-        out[f"encoder.{i}.attn.rope_gate"] = torch.zeros(1, dtype=dtype)
-    if flavor.semantic:  # W_s starts as the identity: SigLIP2's pooled output is already text-aligned
+    if flavor.rope_scale:
+        for i in range(flavor.depth):
+            out[f"encoder.{i}.attn.rope_scale"] = torch.zeros(1, dtype=dtype)
+    if flavor.semantic and flavor.text_projection:  # W_s starts as the identity: SigLIP2's pooled output is already text-aligned
         out["semantic_proj.weight"] = torch.eye(flavor.width, dtype=dtype)
         out["semantic_proj.bias"] = torch.zeros(flavor.width, dtype=dtype)
     return {k: v.contiguous() for k, v in out.items()}
@@ -232,5 +223,5 @@ def import_siglip2(model: torch.nn.Module, state: dict[str, torch.Tensor], *, so
     # The rules and the model must agree exactly; a difference is a bug here, not a bad file.
     if set(converted) != set(own) or any(converted[k].shape != own[k].shape for k in own):
         diff = sorted(set(converted) ^ set(own)) or [k for k in own if converted[k].shape != own[k].shape]
-        raise RuntimeError(f"SigLIP2 key mapping out of step with AToken's encoder: {_listed(diff)}")
+        raise RuntimeError(f"SigLIP2 key mapping out of step with AToken's encoder: {listed(diff, _MAX_LISTED)}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in converted.items()}, strict=False)

@@ -88,6 +88,29 @@ class Sparse4D:
     def with_features(self, features: torch.Tensor) -> Sparse4D:
         return Sparse4D(features, self.coords, self.cu_seqlens)
 
+    def chunk_time(self, chunk: int) -> Sparse4D:
+        """Every sample cut into runs of ``chunk`` time steps (``t // chunk``), each run packed
+        as a sample of its own with t restarting at 0: the same tokens in the same order, with
+        finer ``cu_seqlens``. Tokens must be ordered by time within each sample (as the video
+        modality emits them), so that each run is contiguous."""
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        t = self.coords[:, 0]
+        if t.numel() == 0 or int(t.max()) < chunk:
+            return self  # one run per sample (images, 3D, short clips): nothing to cut
+        if bool((t < 0).any()):
+            raise ValueError("temporal chunks need t >= 0")
+        run = torch.div(t, chunk, rounding_mode="floor")
+        ids = self.sample_ids()
+        same_sample = ids[1:] == ids[:-1]
+        if bool(((run[1:] < run[:-1]) & same_sample).any()):
+            raise ValueError("temporal chunks need each sample's tokens ordered by time")
+        starts = torch.nonzero(~same_sample | (run[1:] != run[:-1])).flatten() + 1
+        cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), self.num_tokens)])
+        coords = self.coords.clone()
+        coords[:, 0] = t - run * chunk
+        return Sparse4D(self.features, coords, cu)
+
     def split(self) -> list[Sparse4D]:
         bounds = self.cu_seqlens.tolist()
         return [

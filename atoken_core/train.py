@@ -296,7 +296,7 @@ class Run:
                 out = self.model.forward_all(tokens.patches.to(device), head=modality_head(self.model, modality),
                                              semantic=semantic)
             recons = modality.unpatchify(tokens.patches.with_features(out.recon.float()), tokens.meta, self.model.spec)
-            target = torch.stack(modality.targets(samples)).to(device)
+            target = torch.stack(modality.targets(samples, self.model.spec)).to(device)
             inputs = LossInputs(name, target, torch.stack(recons), out.bottleneck, semantic=out.semantic, texts=texts)
             loss = target.new_zeros(())
             for spec, fn in self.losses:
@@ -387,7 +387,7 @@ class Run:
             modality = self.modalities[name]
             unit = "frame" if modality_head(self.model, modality) is None else "view"
             for i, (label, x) in enumerate(samples):
-                x = modality.targets([x])[0]
+                x = modality.targets([x], self.model.spec)[0]
                 cells = [(f"{label} original", x), (f"atoken step {step}", recons[i])]
                 if name in self._pca_recons:
                     cells.append((f"PCA-{self.plans[-1].latent_dim}", self._pca_recons[name][i]))

@@ -20,9 +20,22 @@ def pad_mode_field() -> str:
     )
 
 
+def size_policy_field() -> str:
+    """What happens to sizes that are not multiples of the patch (shared with video)."""
+    return attrs.field(
+        default="pad",
+        validator=attrs.validators.in_(["pad", "crop"]),
+        metadata={"doc": "sizes that are not multiples of the patch: 'pad' (padded, and the padding cropped off "
+                         "after decoding: every pixel comes back) or 'crop' (centre-cropped to multiples of the "
+                         "patch, a video cut to whole temporal patches: Apple's preprocessing; outputs and "
+                         "metrics are of the cropped input)"},
+    )
+
+
 @attrs.define(kw_only=True)
 class ImageConfig:
     pad_mode: str = pad_mode_field()
+    size_policy: str = size_policy_field()
 
 
 @hookimpl

@@ -76,6 +76,18 @@ def check_image_tensor(x: torch.Tensor, index: int, channels: int) -> None:
         raise ImageError(f"sample {index}: image has zero size {tuple(x.shape[1:])}")
 
 
+def center_crop(x: torch.Tensor, patch: int, where: str, error: type[ValueError]) -> torch.Tensor:
+    """The centre (..., H // p * p, W // p * p) of ``x``: the rows and columns left over are
+    split with the extra one at the bottom/right (Apple's preprocessing)."""
+    h, w = x.shape[-2:]
+    h2, w2 = h // patch * patch, w // patch * patch
+    if not h2 or not w2:
+        raise error(f"{where}: {h}x{w} is smaller than one {patch}x{patch} patch, so cropping to whole patches "
+                    "leaves nothing (size_policy = 'crop'; 'pad' keeps it)")
+    top, left = (h - h2) // 2, (w - w2) // 2
+    return x[..., top : top + h2, left : left + w2]
+
+
 class ImageModality(Modality):
     name = "image"
     subspace = ("x", "y")
@@ -91,11 +103,21 @@ class ImageModality(Modality):
         gh, gw = self.grid(shape[-2], shape[-1], spec.patch_size)
         return gh * gw
 
+    def _fit(self, x: torch.Tensor, i: int, spec: PatchSpec) -> torch.Tensor:
+        """The sample as it is tokenised: itself, or its centre crop (size_policy = 'crop')."""
+        check_image_tensor(x, i, spec.channels)
+        if self.config.size_policy == "crop":
+            return center_crop(x, spec.patch_size, f"sample {i}", ImageError)
+        return x
+
+    def targets(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> list[torch.Tensor]:
+        return [self._fit(x, i, spec) for i, x in enumerate(samples)]
+
     def patchify(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> Tokens:
         p = spec.patch_size
         parts, meta = [], []
         for i, x in enumerate(samples):
-            check_image_tensor(x, i, spec.channels)
+            x = self._fit(x, i, spec)
             h, w = x.shape[-2:]
             gh, gw = self.grid(h, w, p)
             pad = (0, gw * p - w, 0, gh * p - h)

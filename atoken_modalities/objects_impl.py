@@ -110,7 +110,7 @@ class ThreeDModality(Modality):
         """Tokens of an asset with ``shape[0]`` occupied voxels (at most one token per voxel)."""
         return int(shape[0])
 
-    def targets(self, samples: Sequence[Asset3D]) -> list[torch.Tensor]:
+    def targets(self, samples: Sequence[Asset3D], spec: PatchSpec) -> list[torch.Tensor]:
         return [a.targets[0] for a in samples]
 
     def patchify(self, samples: Sequence[Asset3D], spec: PatchSpec) -> Tokens:

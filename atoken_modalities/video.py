@@ -9,12 +9,13 @@ import attrs
 
 from atoken_core import hookimpl
 from atoken_core.registry import Component
-from atoken_modalities.image import pad_mode_field
+from atoken_modalities.image import pad_mode_field, size_policy_field
 
 
 @attrs.define(kw_only=True)
 class VideoConfig:
     pad_mode: str = pad_mode_field()
+    size_policy: str = size_policy_field()
     frame_pad: str = attrs.field(
         default="replicate",
         validator=attrs.validators.in_(["replicate", "constant"]),

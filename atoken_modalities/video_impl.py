@@ -16,7 +16,7 @@ from einops import rearrange
 
 from atoken_core.interfaces import Modality, PatchSpec, Tokens
 from atoken_core.sparse import Sparse4D
-from atoken_modalities.image_impl import save_image
+from atoken_modalities.image_impl import center_crop, save_image
 
 
 class VideoError(ValueError):
@@ -75,11 +75,26 @@ class VideoModality(Modality):
         """Tokens of one (T, C, H, W) video."""
         return math.prod(self.grid(shape[0], shape[-2], shape[-1], spec))
 
+    def _fit(self, x: torch.Tensor, where: str, spec: PatchSpec) -> torch.Tensor:
+        """The clip as it is tokenised: itself, or (size_policy = 'crop') its first whole
+        temporal patches, centre-cropped to whole spatial patches."""
+        check_video_tensor(x, where, spec.channels)
+        if self.config.size_policy != "crop":
+            return x
+        t, tp = x.shape[0], spec.temporal_patch
+        if t < tp:
+            raise VideoError(f"{where}: {t} frame(s), shorter than one temporal patch ({tp} frames), so cutting to "
+                             "whole patches leaves nothing; give it to the image modality, or use size_policy = 'pad'")
+        return center_crop(x[: t // tp * tp], spec.patch_size, where, VideoError)
+
+    def targets(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> list[torch.Tensor]:
+        return [self._fit(x, f"sample {i}", spec) for i, x in enumerate(samples)]
+
     def patchify(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> Tokens:
         p, tp = spec.patch_size, spec.temporal_patch
         parts, meta = [], []
         for i, x in enumerate(samples):
-            check_video_tensor(x, f"sample {i}", spec.channels)
+            x = self._fit(x, f"sample {i}", spec)
             t, _, h, w = x.shape
             x = pad_frames(pad_spatial(x, p, self.config.pad_mode), tp, self.config.frame_pad)
             gt, gh, gw = self.grid(t, h, w, spec)

@@ -7,6 +7,7 @@ do not depend on the weights). Issue #7.
     python benchmarks/throughput.py                  # CPU, tiny + base: ~9 min on 2 shared cores
     python benchmarks/throughput.py --quick          # smoke run, small inputs, one call each (~30 s)
     python benchmarks/throughput.py --device cuda --dtype bf16 --flavors tiny,base,so400m
+    python benchmarks/throughput.py --device cuda --dtype bf16 --flavors atoken-so-c --cases images   # Apple's architecture
     python benchmarks/throughput.py --cases images,scaling --flavors base --video-vae wan
 
 Cases (``--cases``: names, or the groups images, videos, 3d, scaling):
@@ -146,7 +147,7 @@ class Bench:
 def build_ours(name: str, device: torch.device, dtype: torch.dtype, head_3d: int) -> AToken:
     fl = FLAVORS[name]
     kl = get_registries()["bottleneck"].get("kl")
-    model = AToken(fl, kl.build(kl.config(), in_dim=fl.width, latent_dim=32))
+    model = AToken(fl, kl.build(kl.config(), in_dim=fl.width, latent_dim=fl.latent_dim or 32))
     model.add_head("3d", head_3d)
     model = model.to(device=device, dtype=dtype).eval()
     model.rope.freqs = model.rope.freqs.float()  # rotation angles stay fp32 under bf16 weights
@@ -337,7 +338,7 @@ def cpu_skip(device: torch.device, full: bool, model: str, case: Case) -> str | 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--flavors", default="tiny,base", help="comma list of atoken flavours (tiny, base, so400m)")
+    ap.add_argument("--flavors", default="tiny,base", help="comma list of atoken flavours (tiny, base, so400m, atoken-so-c, ...)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights and inputs of every model")
     ap.add_argument("--quick", action="store_true", help="small inputs, one call each: a smoke run")

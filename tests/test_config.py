@@ -75,7 +75,9 @@ def test_all_problems_reported_at_once(registries):
     data = edited(model__flavor='"huge"', stage__0__batch_size="0")
     data["data"]["image"]["crop"] = "big"
     probs = problems_of(data, registries)
-    assert "model.flavor: invalid value: must be one of test, test-siglip, tiny, base, so400m; got 'huge'" in probs
+    from atoken_core.flavors import FLAVORS
+
+    assert f"model.flavor: invalid value: must be one of {', '.join(FLAVORS)}; got 'huge'" in probs
     assert "stage[0].batch_size: invalid value: must be >= 1: 0" in probs
     assert len(probs) == 2
     # component tables are checked once the recipe's own structure is sound
@@ -169,3 +171,30 @@ def test_stage_weights_name_the_stages_modalities(registries):
     assert problems_of(data, registries) == ["stage[0].weights: 'video' is not one of this stage's modalities ['image']"]
     data["stage"][0]["weights"] = {"image": "half"}
     assert problems_of(data, registries) == ["stage[0].weights.image: expected float, got 'half'"]
+
+
+def test_flavours_of_released_weights_fix_the_first_latent_and_bottleneck(registries):
+    # atoken-so-d's weights are an FSQ over a bias-free KL projection with a 48-channel latent;
+    # a recipe that says otherwise is refused at validate, every difference named.
+    data = edited(model__flavor='"atoken-so-d"', bottleneck='{kind = "fsq", levels = [8, 8, 8, 5, 5, 5]}')
+    probs = problems_of(data, registries)
+    assert "model.latent_dim: flavour 'atoken-so-d' has a 48-channel latent, got 32" in probs
+    assert "bottleneck.bias: flavour 'atoken-so-d' needs False, got True" in probs
+    assert "bottleneck.levels: flavour 'atoken-so-d' needs (4, 4, 4, 4, 4, 4), got [8, 8, 8, 5, 5, 5]" in probs
+    assert "bottleneck.logvar_rows: flavour 'atoken-so-d' needs True, got False" in probs
+    data = edited(model__flavor='"atoken-so-c"', bottleneck='{kind = "kl", bias = false}')
+    del data["model"]["latent_dim"]  # taken from the flavour
+    assert recipe_from_dict(data, registries).model.latent_dim == 48
+    data["bottleneck"] = {"kind": "fsq"}
+    assert "bottleneck.kind: flavour 'atoken-so-c' uses 'kl', got 'fsq'" in problems_of(data, registries)
+
+
+def test_flavor_overrides_are_checked_field_by_field(registries):
+    data = edited(model__flavor_overrides='{width = 48, heads = 5, detph = 2, decoder_norm = 3}')
+    probs = problems_of(data, registries)
+    assert "model.flavor_overrides.detph: not a flavour field (did you mean 'depth'?)" in probs
+    assert "model.flavor_overrides.decoder_norm: expected str, got 3" in probs
+    data = edited(model__flavor_overrides='{width = 48, heads = 5}')
+    assert problems_of(data, registries) == ["model.flavor_overrides: width 48 is not a multiple of heads 5"]
+    data = edited(model__flavor_overrides='{width = 96, depth = 1}')
+    assert recipe_from_dict(data, registries).model.resolved_flavor().width == 96

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import make_model
 from hypothesis import given
 from hypothesis import strategies as st
@@ -231,3 +232,89 @@ def test_compiled_blocks_match_eager_without_graph_breaks(registries):
         torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
     assert counters["stats"]["unique_graphs"] > 0  # dynamo did compile
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_checkpoint_of_an_earlier_version_says_what_changed(registries, tmp_path):
+    # atoken 0.1's SigLIP flavours had a RoPE gate per encoder block; its checkpoints must fail
+    # to load with the reason, not just a list of keys.
+    model = make_model(registries, flavor="test-siglip")
+    path = str(tmp_path / "old.safetensors")
+    save_checkpoint(path, model, recipe={}, step=0, stage=0)
+    tensors, _ = read_checkpoint(path)
+    old = {k.replace("attn.rope_scale", "attn.rope_gate"): v for k, v in tensors.items()}
+    with pytest.raises(CheckpointError) as err:
+        load_model_state(make_model(registries, flavor="test-siglip"), old, path)
+    assert "unexpected keys (2): encoder.0.attn.rope_gate, encoder.1.attn.rope_gate" in str(err.value)
+    assert "attn.rope_gate: written by atoken 0.1" in str(err.value)
+
+
+def test_fsq_over_a_kl_mean_projection_uses_the_official_index(registries):
+    # Apple's So/D: W_r is a KL projection [mean | logvar] without bias; the mean is quantised
+    # with levels [4]*6 in groups of 6 channels; index = sum_k (2 q_k + 2) * 4^k.
+    kl = registries["bottleneck"].get("kl")
+    fsq = registries["bottleneck"].get("fsq")
+    cont = kl.build(kl.config(bias=False), in_dim=16, latent_dim=12)
+    disc = fsq.build(fsq.config(bias=False, logvar_rows=True, levels=[4] * 6), in_dim=16, latent_dim=12)
+    assert disc.proj.weight.shape == cont.proj.weight.shape == (24, 16) and disc.proj.bias is None
+    assert disc.convert_from(cont)
+    x = torch.randn(30, 16) * 3
+    mean = cont(x, sample=False).latent
+    z = torch.tanh(mean + math.atanh(0.5 / 1.5015)) * 1.5015 - 0.5
+    q = z.round() / 2
+    out = disc(x)
+    torch.testing.assert_close(out.latent, q, atol=0, rtol=0)
+    digits = (2 * q + 2).reshape(30, 2, 6)
+    index = (digits * 4 ** torch.arange(6)).sum(-1).long()
+    assert torch.equal(out.codes, index)
+    torch.testing.assert_close(disc.codes_to_latent(out.codes), q, atol=0, rtol=0)
+
+
+def test_decoder_norms_match_their_formulas():
+    from atoken_core.model import HeadRMSNorm, RMSNorm
+
+    x = torch.randn(7, 4, 16)
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (16,), norm.weight, eps=1e-6))
+    qk = HeadRMSNorm(4, 16)
+    with torch.no_grad():
+        qk.gamma.uniform_(0.5, 1.5)
+    want = x / x.norm(dim=-1, keepdim=True) * qk.gamma * 4.0
+    torch.testing.assert_close(qk(x), want)
+
+
+def test_temporal_chunks_are_independent_samples_with_t_restarted(registries):
+    # A flavour with temporal_chunk = 2: a 5-latent-frame video is encoded and decoded as the
+    # chunks [0, 2), [2, 4), [4, 5), each alone with t starting at 0.
+    import attrs
+
+    from atoken_core.flavors import FLAVORS
+    from atoken_core.model import AToken
+
+    flavor = attrs.evolve(FLAVORS["test"], temporal_chunk=2, pos_embed_grid=4, decoder_pos_embed_grid=4)
+    kl = registries["bottleneck"].get("kl")
+    model = AToken(flavor, kl.build(kl.config(), in_dim=flavor.width, latent_dim=8)).eval()
+    t, rows, cols = torch.meshgrid(torch.arange(5), torch.arange(3), torch.arange(2), indexing="ij")
+    coords = torch.stack([t, cols, rows, torch.zeros_like(t)], -1).reshape(-1, 4)
+    video = Sparse4D.single(torch.randn(30, 2 * 4 * 4 * 3), coords)
+    image = Sparse4D.single(torch.randn(4, 2 * 4 * 4 * 3), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
+                                                                           [0, 1, 1, 0]]))
+    batch = Sparse4D.cat([image, video])
+    with torch.no_grad():
+        feats = model.encode(batch)
+        chunks = [Sparse4D.single(video.features[a:b], video.coords[a:b] - torch.tensor([a // 6, 0, 0, 0]))
+                  for a, b in ((0, 12), (12, 24), (24, 30))]
+        alone = torch.cat([model.encode(image)] + [model.encode(c) for c in chunks])
+        torch.testing.assert_close(feats, alone, atol=1e-5, rtol=1e-5)
+        latent = batch.with_features(torch.randn(34, 8))
+        dec = model.decode(latent, frames=2)
+        dec_alone = torch.cat([model.decode(latent.split()[0], 2)] + [
+            model.decode(c.with_features(latent.features[4 + a:4 + b]), 2)
+            for c, (a, b) in zip(chunks, ((0, 12), (12, 24), (24, 30)))])
+        torch.testing.assert_close(dec, dec_alone, atol=1e-5, rtol=1e-5)
+    shuffled = Sparse4D.single(video.features.flip(0), video.coords.flip(0))
+    with pytest.raises(ValueError, match="ordered by time"):
+        model.encode(shuffled)
+    with pytest.raises(ValueError, match="independent chunks"):
+        model.encode_tiled(video, 2)

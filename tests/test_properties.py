@@ -78,6 +78,45 @@ def test_rope_scores_depend_only_on_coordinate_difference(a, b, shift, seed):
     torch.testing.assert_close(score(a, b), moved, atol=1e-4, rtol=1e-4)
 
 
+@given(coords4, coords4, coords4, st.floats(0.0, 2.0), st.permutations(list("txyz")),
+       st.sampled_from([100.0, 10000 ** (1 / 8)]), st.booleans(), st.integers(0, 2**31 - 1))
+def test_attention_scores_depend_only_on_coordinate_difference_in_every_state(a, b, shift, scale, axes, theta,
+                                                                              qk_norm, seed):
+    # Every state the model can be in: any learned RoPE frequency scale (0 = SigLIP2 just
+    # imported, 1 = plain RoPE, anything training reaches), any axis order and base, QK-norm on
+    # or off. (The RoPE gate this replaced, q + g * (rope(q) - q), failed this for 0 < g < 1.)
+    from atoken_core.model import Attention
+
+    torch.manual_seed(seed)
+    attn = Attention(16, 2, RoPE4D(head_dim=8, theta=theta, axes=tuple(axes)), qk_norm=qk_norm, rope_scale=True)
+    with torch.no_grad():
+        attn.rope_scale.fill_(scale)
+    x = torch.randn(2, 16)
+
+    def scores(pa, pb):
+        coords = torch.tensor([pa, pb])
+        q, k, _ = attn.qkv_rotated(x, attn.rope.angles(coords))
+        return (q[0] * k[1]).sum(-1)  # (heads,): query at pa, key at pb
+
+    moved = scores([x + s for x, s in zip(a, shift)], [x + s for x, s in zip(b, shift)])
+    torch.testing.assert_close(scores(a, b), moved, atol=1e-4, rtol=1e-4)
+
+
+@given(st.permutations(list("txyz")), st.integers(0, 3), st.integers(1, 20), st.integers(0, 2**31 - 1))
+def test_rope_axis_groups_follow_the_axis_order(axes, axis, delta, seed):
+    # Moving along one coordinate turns exactly the channel group at that axis's place in ``axes``.
+    rope = RoPE4D(head_dim=32, theta=100.0, axes=tuple(axes))
+    q = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(seed))
+    moved = torch.zeros(1, 4, dtype=torch.long)
+    moved[0, axis] = delta
+    rotated = rope(q, rope.angles(moved))
+    place = axes.index("txyz"[axis])
+    group = torch.zeros(32, dtype=torch.bool)
+    group[place * 8 : place * 8 + 8] = True
+    assert not torch.allclose(rotated[..., group], q[..., group])
+    assert torch.equal(rotated[..., ~group], q[..., ~group])
+
+
 @given(st.integers(0, 3), st.integers(1, 20), st.integers(0, 2**31 - 1))
 def test_rope_uses_every_axis(axis, delta, seed):
     # Each axis owns its own rotation pairs: moving along any one axis changes the score.
@@ -103,3 +142,33 @@ def test_sparse_cat_split_round_trip(lengths):
     assert packed.sample_ids().tolist() == [i for i, n in enumerate(lengths) for _ in range(n)]
     for a, b in zip(parts, packed.split()):
         assert torch.equal(a.features, b.features) and torch.equal(a.coords, b.coords)
+
+
+@given(st.integers(1, 9), st.integers(4, 30), st.integers(4, 30), st.integers(0, 2**31 - 1))
+def test_crop_policy_keeps_the_centre_whole_patches_and_first_whole_temporal_patches(t, h, w, seed):
+    # size_policy = "crop" is Apple's preprocessing: H, W cut to multiples of p around the
+    # centre (the odd row/column at the bottom/right), T cut to its first whole temporal patches.
+    from atoken_modalities.video import VideoConfig
+    from atoken_modalities.video_impl import VideoModality
+
+    x = image(h, w, seed)
+    h2, w2 = h // 4 * 4, w // 4 * 4
+    top, left = (h - h2) // 2, (w - w2) // 2
+    images = ImageModality(ImageConfig(size_policy="crop"))
+    tokens = images.patchify([x], SPEC)
+    assert tokens.patches.num_tokens == (h2 // 4) * (w2 // 4)
+    assert torch.equal(images.unpatchify(tokens.patches, tokens.meta, SPEC)[0], x[:, top:top + h2, left:left + w2])
+    clip = torch.stack([image(h, w, seed + i) for i in range(t)])
+    videos = VideoModality(VideoConfig(size_policy="crop"))
+    if t < 2:
+        try:
+            videos.patchify([clip], SPEC)
+        except ValueError as err:
+            assert "shorter than one temporal patch" in str(err)
+        else:
+            raise AssertionError("a clip shorter than one temporal patch was accepted")
+        return
+    tokens = videos.patchify([clip], SPEC)
+    kept = clip[: t // 2 * 2, :, top:top + h2, left:left + w2]
+    assert torch.equal(videos.unpatchify(tokens.patches, tokens.meta, SPEC)[0], kept)
+    assert torch.equal(videos.targets([clip], SPEC)[0], kept)

@@ -110,12 +110,12 @@ def test_packed_batch_of_different_sizes_equals_padded_siglip2(models):
     torch.testing.assert_close(pooled, ref.pooler_output, **TOL)
 
 
-def test_import_zeroes_temporal_weights_and_rope_gates(models):
+def test_import_zeroes_temporal_weights_and_rope_scales(models):
     hf, ours = models
     w = ours.patch_embed.weight
     assert torch.equal(w[:, 1:], torch.zeros_like(w[:, 1:]))
     torch.testing.assert_close(w[:, 0], hf.embeddings.patch_embedding.weight, atol=0, rtol=0)
-    assert all(float(block.attn.rope_gate.detach()) == 0.0 for block in ours.encoder)
+    assert all(float(block.attn.rope_scale.detach()) == 0.0 for block in ours.encoder)
     # A video of one repeated frame still embeds like the image (the temporal weights are zero).
     (img,) = images([(8, 12)])
     tokens = ImageModality(ImageConfig()).patchify([img], ours.spec).patches
@@ -124,14 +124,18 @@ def test_import_zeroes_temporal_weights_and_rope_gates(models):
         torch.testing.assert_close(ours.encode(video), ours.encode(tokens), atol=0, rtol=0)
 
 
-def test_rope_gate_defaults_to_one_and_opens_rope():
+def test_rope_scale_defaults_to_one_and_learns_from_zero(models):
     fresh = our_model()
-    assert all(float(block.attn.rope_gate.detach()) == 1.0 for block in fresh.encoder)
-    # The gate is differentiable: training can open it from 0.
+    assert all(float(block.attn.rope_scale.detach()) == 1.0 for block in fresh.encoder)
+    # At 0 (just imported) the scale still gets a gradient: training can turn RoPE on.
+    _, imported = models
     (img,) = images([(8, 8)])
-    tokens = ImageModality(ImageConfig()).patchify([img], fresh.spec).patches
-    fresh.pool(fresh.encode(tokens), tokens).sum().backward()
-    assert all(block.attn.rope_gate.grad is not None for block in fresh.encoder)
+    tokens = ImageModality(ImageConfig()).patchify([img], imported.spec).patches
+    imported.zero_grad()
+    imported.pool(imported.encode(tokens), tokens).sum().backward()
+    assert all(block.attn.rope_scale.grad is not None and float(block.attn.rope_scale.grad.abs()) > 0
+               for block in imported.encoder)
+    imported.zero_grad(set_to_none=True)
 
 
 def test_full_siglip2_model_file_is_accepted(models, tmp_path):

@@ -20,13 +20,23 @@ def _levels_ok(instance: object, attribute: attrs.Attribute, value: list[int]) -
         raise ValueError(f"'levels' must all be >= 2, got {value}")
 
 
+def _bias_field() -> bool:
+    return attrs.field(default=True, metadata={"doc": "W_r has a bias (Apple's released weights: false)"})
+
+
 @attrs.define(kw_only=True)
 class KLConfig:
     logvar_init: float = attrs.field(
-        default=0.0, metadata={"doc": "initial log-variance (bias of the logvar head); lower = less sampling noise at start"}
+        default=0.0, metadata={"doc": "initial log-variance (bias of the logvar head); lower = less sampling noise "
+                                      "at start; needs bias = true"}
     )
     logvar_min: float = attrs.field(default=-30.0, metadata={"doc": "clamp for numerical safety"})
     logvar_max: float = attrs.field(default=20.0, metadata={"doc": "clamp for numerical safety"})
+    bias: bool = _bias_field()
+
+    def __attrs_post_init__(self) -> None:
+        if self.logvar_init and not self.bias:
+            raise ValueError(f"'logvar_init' = {self.logvar_init} needs a bias to start from (bias = false)")
 
 
 @attrs.define(kw_only=True)
@@ -35,6 +45,12 @@ class FSQConfig:
         factory=lambda: [8, 8, 8, 5, 5, 5],
         validator=_levels_ok,
         metadata={"doc": "quantisation levels per channel of one group; codebook size = their product"},
+    )
+    bias: bool = _bias_field()
+    logvar_rows: bool = attrs.field(
+        default=False,
+        metadata={"doc": "W_r also keeps a KL posterior's log-variance rows (unused by quantisation): Apple's So/D "
+                         "quantises the mean of a KL projection"},
     )
 
 

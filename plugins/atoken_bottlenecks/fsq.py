@@ -33,9 +33,13 @@ class FSQBottleneck(Bottleneck):
         self.latent_dim = latent_dim
         self.groups = latent_dim // len(levels)
         self.codebook_size = math.prod(levels)
-        self.proj = nn.Linear(in_dim, latent_dim)
+        # With logvar_rows, W_r is a KL posterior's [mean | log-variance] projection and the mean
+        # is quantised (Apple's So/D); the log-variance rows are kept but unused.
+        self.logvar_rows = config.logvar_rows
+        self.proj = nn.Linear(in_dim, (2 if config.logvar_rows else 1) * latent_dim, bias=config.bias)
         nn.init.trunc_normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
         lv = torch.tensor(levels, dtype=torch.long)
         self.register_buffer("levels", lv, persistent=False)
         self.register_buffer("basis", torch.cumprod(torch.cat([lv.new_ones(1), lv[:-1]]), 0), persistent=False)
@@ -53,11 +57,14 @@ class FSQBottleneck(Bottleneck):
         return torch.tanh(z + shift) * half_l - offset
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
-        """(L, latent_dim) -> quantised values normalised to [-1, 1]."""
-        return round_ste(self.bound(z)) / self.half_width.repeat(self.groups)
+        """(L, latent_dim) -> quantised values normalised to [-1, 1], computed in float32 (near a
+        rounding boundary bf16 would pick the other level), returned in ``z``'s dtype."""
+        q = round_ste(self.bound(z.float())) / self.half_width.repeat(self.groups)
+        return q.to(z.dtype)
 
     def latent_to_codes(self, latent: torch.Tensor) -> torch.Tensor:
-        digits = rearrange(latent, "l (g c) -> l g c", g=self.groups) * self.half_width + self.half_width
+        """Index of each group: sum_k digit_k * prod(levels[:k]), digit_k = q_k * L_k//2 + L_k//2."""
+        digits = rearrange(latent.float(), "l (g c) -> l g c", g=self.groups) * self.half_width + self.half_width
         return (digits.round().long() * self.basis).sum(-1)
 
     def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
@@ -70,11 +77,12 @@ class FSQBottleneck(Bottleneck):
         return rearrange(latent, "l g c -> l (g c)")
 
     def project(self, features: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-        z = self.proj(features)
+        z = self.proj(features)[:, : self.latent_dim]
         return z if offset is None else z + offset
 
-    def latent_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.proj.weight, self.proj.bias
+    def latent_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = self.proj.bias
+        return self.proj.weight[: self.latent_dim], None if bias is None else bias[: self.latent_dim]
 
     @torch.no_grad()
     def convert_from(self, old: Bottleneck) -> bool:
@@ -82,10 +90,14 @@ class FSQBottleneck(Bottleneck):
         the latent the earlier stages learned): near zero the squashing is close to the
         identity, so the decoder first sees a rounded version of the latent it knows."""
         proj = old.latent_projection()
-        if proj is None or proj[0].shape != self.proj.weight.shape:
+        if proj is None or proj[0].shape != (self.latent_dim, self.proj.in_features):
             return False
-        self.proj.weight.copy_(proj[0])
-        self.proj.bias.copy_(proj[1])
+        self.proj.weight[: self.latent_dim].copy_(proj[0])
+        if self.proj.bias is not None:
+            if proj[1] is None:
+                self.proj.bias[: self.latent_dim].zero_()
+            else:
+                self.proj.bias[: self.latent_dim].copy_(proj[1])
         return True
 
     def forward(self, features: torch.Tensor, *, sample: bool = True,
@@ -100,13 +112,24 @@ class FSQBottleneck(Bottleneck):
     def grow_from(self, old: FSQBottleneck) -> None:
         if not torch.equal(old.levels, self.levels):
             raise ValueError("FSQ can grow its number of groups, not change its levels")
-        self.proj.weight[: old.latent_dim].copy_(old.proj.weight)
-        self.proj.bias[: old.latent_dim].copy_(old.proj.bias)
+        if old.logvar_rows != self.logvar_rows:
+            raise ValueError("FSQ cannot grow into a bottleneck with a different logvar_rows setting")
+        k, n = old.latent_dim, self.latent_dim
         # The new channels enter the decoder through zero weights; if they also all quantised to
         # the same value neither side would get a gradient. Unit-scale projections spread them
         # over the levels from the first step.
-        nn.init.normal_(self.proj.weight[old.latent_dim :], std=self.proj.in_features**-0.5)
+        nn.init.normal_(self.proj.weight[k:n], std=self.proj.in_features**-0.5)
+        if self.logvar_rows:
+            from atoken_bottlenecks.kl import grow_rows
+
+            grow_rows(self.proj, old.proj, k, n)
+            return
+        self.proj.weight[:k].copy_(old.proj.weight)
+        if self.proj.bias is not None and old.proj.bias is not None:
+            self.proj.bias[:k].copy_(old.proj.bias)
 
     def zero_init_projection(self) -> None:
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        with torch.no_grad():
+            self.proj.weight[: self.latent_dim].zero_()
+            if self.proj.bias is not None:
+                self.proj.bias[: self.latent_dim].zero_()

@@ -35,11 +35,12 @@ class KLBottleneck(Bottleneck):
         super().__init__()
         self.config = config
         self.latent_dim = latent_dim
-        self.proj = nn.Linear(in_dim, 2 * latent_dim)
+        self.proj = nn.Linear(in_dim, 2 * latent_dim, bias=config.bias)
         nn.init.trunc_normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
-        with torch.no_grad():
-            self.proj.bias[latent_dim:].fill_(config.logvar_init)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
+            with torch.no_grad():
+                self.proj.bias[latent_dim:].fill_(config.logvar_init)
 
     def posterior(self, features: torch.Tensor, offset: torch.Tensor | None = None) -> DiagonalGaussian:
         mean, logvar = self.proj(features).chunk(2, dim=-1)
@@ -58,17 +59,26 @@ class KLBottleneck(Bottleneck):
 
     @torch.no_grad()
     def grow_from(self, old: KLBottleneck) -> None:
-        k, n = old.latent_dim, self.latent_dim
-        self.proj.weight[:k].copy_(old.proj.weight[:k])  # means
-        self.proj.bias[:k].copy_(old.proj.bias[:k])
-        self.proj.weight[n : n + k].copy_(old.proj.weight[k:])  # log-variances
-        self.proj.bias[n : n + k].copy_(old.proj.bias[k:])
+        grow_rows(self.proj, old.proj, old.latent_dim, self.latent_dim)
 
-    def latent_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.proj.weight[: self.latent_dim], self.proj.bias[: self.latent_dim]
+    def latent_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = self.proj.bias
+        return self.proj.weight[: self.latent_dim], None if bias is None else bias[: self.latent_dim]
 
     def zero_init_projection(self) -> None:
         with torch.no_grad():  # the mean rows only: the logvar head keeps its configured start
             self.proj.weight[: self.latent_dim].zero_()
-            self.proj.bias[: self.latent_dim].zero_()
+            if self.proj.bias is not None:
+                self.proj.bias[: self.latent_dim].zero_()
+
+
+@torch.no_grad()
+def grow_rows(new: nn.Linear, old: nn.Linear, k: int, n: int) -> None:
+    """Copy a [mean (k) | log-variance (k)] projection into the first rows of each half of a
+    [mean (n) | log-variance (n)] one."""
+    new.weight[:k].copy_(old.weight[:k])  # means
+    new.weight[n : n + k].copy_(old.weight[k:])  # log-variances
+    if new.bias is not None and old.bias is not None:
+        new.bias[:k].copy_(old.bias[:k])
+        new.bias[n : n + k].copy_(old.bias[k:])
 
