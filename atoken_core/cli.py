@@ -107,77 +107,91 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(ckpt: str):
-    from atoken_core.build import model_from_checkpoint
+def _pick_modality(tok, requested: str | None, path: str) -> str:
+    """--modality, else the checkpoint's modality whose reader takes ``path``'s suffix."""
+    if requested:
+        return requested
+    suffix = "." + path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+    owners = [m for m in tok.modalities if suffix in getattr(tok.modality(m), "suffixes", ())]
+    if len(owners) == 1:
+        return owners[0]
+    from atoken_core.api import TokenizerError
 
-    registries = _registries()
-    model, recipe, meta = model_from_checkpoint(ckpt, registries)
-    return model, recipe, registries, meta
+    raise TokenizerError(f"{path}: cannot tell which modality reads {suffix or 'it'!r} "
+                         f"(checkpoint modalities: {', '.join(tok.modalities)}); pass --modality")
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    import torch
+    import os
+
     from safetensors.torch import save as st_save
 
-    from atoken_core.build import build_modality
+    from atoken_core.api import TokenizerError, load
     from atoken_core.io import atomic_write_bytes
-    from atoken_modalities.image_impl import load_image
 
-    model, recipe, registries, meta = _load_model(args.ckpt)
-    modality = build_modality(recipe, registries, "image")
-    image = load_image(args.input)
-    tokens = modality.patchify([image], model.spec)
-    with torch.no_grad():
-        latent = model.encode_latent(tokens.patches)
-    tensors = {"coords": tokens.patches.coords.contiguous()}
-    if model.bottleneck.discrete:
-        tensors["codes"] = model.bottleneck.latent_to_codes(latent).contiguous()
+    if os.path.abspath(args.output) == os.path.abspath(args.ckpt):
+        raise TokenizerError(f"{args.output}: is the checkpoint itself; refusing to overwrite it")
+    tok = load(args.ckpt, device=args.device)
+    modality = _pick_modality(tok, args.modality, args.input)
+    enc = tok.encode(args.input, modality)
+    # discrete: the integer codes only (the decoder's latent is a function of them)
+    tensors = {"coords": enc.coords.contiguous()}
+    if enc.codes is not None:
+        tensors["codes"] = enc.codes.contiguous()
     else:
-        tensors["latent"] = latent.contiguous()
+        tensors["latent"] = enc.mean.contiguous()
+    if enc.logvar is not None:
+        tensors["logvar"] = enc.logvar.contiguous()
     metadata = {
         "format": "atoken-tokens-v1",
-        "modality": "image",
-        "meta": json.dumps(tokens.meta),
-        "checkpoint_step": str(meta["state"]["step"]),
-        "recipe": recipe.name,
+        "modality": modality,
+        "meta": json.dumps(enc.meta),
+        "frames": str(enc.frames),
+        "checkpoint": os.path.basename(args.ckpt),
+        "checkpoint_step": str(tok.metadata["state"]["step"]),
+        "recipe": tok.recipe.name,
+        "latent_dim": str(tok.latent_dim),
+        "discrete": str(tok.discrete).lower(),
     }
     atomic_write_bytes(args.output, st_save(tensors, metadata=metadata))
-    kind = "integer codes" if model.bottleneck.discrete else f"{latent.shape[1]}-channel latents"
-    print(f"{args.input}: {latent.shape[0]} tokens ({kind}) -> {args.output}")
+    kind = f"{enc.codes.shape[1]} integer codes each" if enc.codes is not None else f"{enc.mean.shape[1]}-channel latents"
+    print(f"{args.input}: {modality}, {enc.num_tokens} tokens ({kind}) -> {args.output}")
     return 0
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
     import torch
 
-    from atoken_core.build import build_modality
+    from atoken_core.api import Encoding, TokenizerError, load
     from atoken_core.checkpoint import CheckpointError
     from atoken_core.io import read_safetensors
-    from atoken_core.sparse import Sparse4D
-    from atoken_modalities.image_impl import save_image
 
-    model, recipe, registries, _ = _load_model(args.ckpt)
+    tok = load(args.ckpt, device=args.device)
     try:
         tensors, header = read_safetensors(args.tokens)
+    except FileNotFoundError:
+        raise CheckpointError(f"{args.tokens}: tokens file not found") from None
     except ValueError as err:
         raise CheckpointError(str(err)) from None
-    if header.get("format") != "atoken-tokens-v1":
+    if header.get("format") != "atoken-tokens-v1" or "coords" not in tensors:
         raise CheckpointError(f"{args.tokens}: not an atoken tokens file")
-    if "codes" in tensors:
-        latent = model.bottleneck.codes_to_latent(tensors["codes"])
-    else:
-        latent = tensors["latent"]
-    if latent.shape[1] != model.bottleneck.latent_dim:
-        raise CheckpointError(f"{args.tokens}: latent has {latent.shape[1]} channels, the checkpoint's model expects "
-                              f"{model.bottleneck.latent_dim}")
-    modality = build_modality(recipe, registries, header["modality"])
-    meta = json.loads(header["meta"])
-    sparse = Sparse4D.single(latent, tensors["coords"])
-    with torch.no_grad():
-        pixels = model.decode(sparse)
-    image = modality.unpatchify(sparse.with_features(pixels), meta, model.spec)[0]
-    save_image(image, args.output)
-    print(f"{args.tokens}: decoded {latent.shape[0]} tokens -> {args.output} ({image.shape[2]}x{image.shape[1]})")
+    modality = header["modality"]
+    codes = tensors.get("codes")
+    mean = tensors.get("latent")
+    if mean is None and codes is not None:
+        if not tok.discrete:
+            raise TokenizerError(f"{args.tokens}: holds discrete codes; {args.ckpt} is a continuous checkpoint")
+        mean = tok.model.bottleneck.codes_to_latent(codes)
+    if mean is None:
+        raise CheckpointError(f"{args.tokens}: holds neither latents nor codes")
+    frames = int(header.get("frames", "1"))
+    enc = Encoding(modality=modality, coords=tensors["coords"], mean=mean, codes=codes, frames=frames,
+                   meta=json.loads(header["meta"]))
+    sample = tok.decode(enc)
+    mod = tok.modality(modality)
+    written = mod.write(sample * 2 - 1 if torch.is_tensor(sample) else sample, args.output)
+    shape = "x".join(str(s) for s in sample.shape) if torch.is_tensor(sample) else ""
+    print(f"{args.tokens}: decoded {enc.num_tokens} {modality} tokens -> {', '.join(written)} {shape}".rstrip())
     return 0
 
 
@@ -292,16 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("encode", help="image file -> tokens (.safetensors)")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
+    modalities = sorted(_registries()["modality"])
+    p = sub.add_parser("encode", help="an image or video file -> tokens (.safetensors)",
+                       description="Deterministic: continuous checkpoints store the posterior mean (and log-variance), "
+                                   "discrete ones the integer codes and their latent values.")
+    p.add_argument("--ckpt", required=True, help="any atoken checkpoint (a run's or atoken import-official's)")
+    p.add_argument("input", help="the file (local path or fsspec URI)")
+    p.add_argument("-o", "--output", required=True, help="the tokens file (.safetensors)")
+    p.add_argument("--modality", choices=modalities,
+                   help="what the file holds (default: the checkpoint's modality that reads its suffix)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("decode", help="tokens (.safetensors) -> image file")
+    p = sub.add_parser("decode", help="tokens (.safetensors) -> an image (.png/.jpg) or video (.mp4) file")
     p.add_argument("--ckpt", required=True)
     p.add_argument("tokens")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.set_defaults(func=cmd_decode)
 
     # flavors.py needs only attrs: cheap enough to import while building the parser
@@ -313,10 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the flavour the weights must fit (default: so400m)")
     p.add_argument("-o", "--output", required=True, help="where to write the encoder weights (.safetensors)")
     p.set_defaults(func=cmd_import_siglip2)
+
+    # Commands that plugins add (e.g. import-official), found through the same registry mechanism
+    from atoken_core.plugin_manager import shared_plugin_manager
+
+    shared_plugin_manager().hook.atoken_add_commands(subparsers=sub)
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from atoken_core.api import TokenizerError
     from atoken_core.checkpoint import CheckpointError
     from atoken_core.config import ConfigError
     from atoken_core.plugin_manager import PluginLoadError
@@ -328,11 +355,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from atoken_modalities.video_impl import VideoError
 
     return (ConfigError, RegistryError, PluginLoadError, CheckpointError, TrainingError, WeightsError, ImageError,
-            VideoError, EvalError, FileNotFoundError)
+            VideoError, EvalError, TokenizerError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from atoken_core.plugin_manager import PluginLoadError
+
+    try:
+        parser = build_parser()
+    except PluginLoadError as err:
+        print(f"atoken: error: {err}", file=sys.stderr)
+        return 1
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
-"""The ``atoken_*`` hooks through which plugins provide components.
+"""The ``atoken_*`` hooks through which plugins provide components and commands.
 
-Each hook takes no arguments and returns a list of :class:`~atoken_core.registry.Component`
+Each component hook takes no arguments and returns a list of :class:`~atoken_core.registry.Component`
 describing what the plugin provides. Results are *collected*, one list per plugin, never
 short-circuited: the plugin manager calls every implementation and registers each
 component under its name in the registry of that kind, so two plugins claiming one name
@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from atoken_core import hookspec
 
 if TYPE_CHECKING:
+    import argparse
+
     from atoken_core.registry import Component
 
 
@@ -73,4 +75,16 @@ def atoken_teachers() -> list[Component]:
     The factory is called as ``factory(config)`` and returns an
     :class:`atoken_core.interfaces.Teacher`; semantic losses name one by ``teacher = "NAME"``
     or ``"NAME:PATH"``.
+    """
+
+
+@hookspec
+def atoken_add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add subcommands to the ``atoken`` command line (as pytest's ``pytest_addoption`` adds
+    options): call ``subparsers.add_parser(...)`` and ``set_defaults(func=...)`` with a callable
+    taking the parsed arguments and returning the exit status. Every implementation is called.
+
+    Building the parser must stay cheap (no torch); the work happens in ``func``. An error a
+    user can fix is raised as a subclass of :class:`atoken_core.checkpoint.CheckpointError`
+    (or another error the CLI reports in one line) and printed without a traceback.
     """

@@ -46,6 +46,18 @@ class Modality(abc.ABC):
     name: str
     #: axes whose coordinate may be non-zero, e.g. ("x", "y") for images
     subspace: tuple[str, ...]
+    #: file suffixes (lower case, with the dot) :meth:`read` understands
+    suffixes: tuple[str, ...] = ()
+
+    def read(self, path: str) -> Any:
+        """One file (any fsspec path) as a sample, in the form :meth:`patchify` takes (pixel
+        modalities: values in [-1, 1])."""
+        raise NotImplementedError(f"modality {self.name!r} does not read files")
+
+    def write(self, sample: Any, url: str) -> list[str]:
+        """Write one sample (what :meth:`unpatchify` returns) at an fsspec URL in this modality's
+        own file format; return the URLs written."""
+        raise NotImplementedError(f"modality {self.name!r} does not write files")
 
     @abc.abstractmethod
     def patchify(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> Tokens:

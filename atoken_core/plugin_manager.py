@@ -35,6 +35,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("teachers", "atoken_teachers"),
     ("losses", "atoken_losses"),
     ("curricula", "atoken_core.curricula"),
+    ("official", "atoken_official"),
 )
 
 
@@ -63,11 +64,24 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 
 @functools.cache
+def _cached_plugin_manager(key: tuple[str, str]) -> pluggy.PluginManager:
+    return get_plugin_manager()
+
+
+@functools.cache
 def _cached_registries(key: tuple[str, str]) -> Registries:
-    return Registries.from_plugin_manager(get_plugin_manager())
+    return Registries.from_plugin_manager(_cached_plugin_manager(key))
+
+
+def _environment_key() -> tuple[str, str]:
+    return os.environ.get(DISABLE_AUTOLOAD_ENV, ""), os.environ.get(EXTRA_PLUGINS_ENV, "")
+
+
+def shared_plugin_manager() -> pluggy.PluginManager:
+    """The plugin manager of the current process (cached per plugin-loading environment)."""
+    return _cached_plugin_manager(_environment_key())
 
 
 def get_registries() -> Registries:
     """Registries for the current process (cached per plugin-loading environment)."""
-    key = (os.environ.get(DISABLE_AUTOLOAD_ENV, ""), os.environ.get(EXTRA_PLUGINS_ENV, ""))
-    return _cached_registries(key)
+    return _cached_registries(_environment_key())

@@ -91,6 +91,14 @@ def center_crop(x: torch.Tensor, patch: int, where: str, error: type[ValueError]
 class ImageModality(Modality):
     name = "image"
     subspace = ("x", "y")
+    suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+    def read(self, path: str) -> torch.Tensor:
+        return load_image(path)
+
+    def write(self, sample: torch.Tensor, url: str) -> list[str]:
+        save_image(sample, url)
+        return [url]
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -62,6 +62,17 @@ class VideoModality(Modality):
 
     name = "video"
     subspace = ("t", "x", "y")
+    suffixes = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
+
+    def read(self, path: str) -> torch.Tensor:
+        return load_video(path)
+
+    def write(self, sample: torch.Tensor, url: str) -> list[str]:
+        """An H.264 .mp4 (any other suffix is refused: that is the one container written)."""
+        if not url.lower().endswith(".mp4"):
+            raise VideoError(f"{url}: videos are written as .mp4")
+        save_video_url(sample, url)
+        return [url]
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -177,7 +177,7 @@ def test_wrong_architecture_checkpoint(trained, tmp_path, cache):
     other_ckpt = str(next((other / "checkpoints").glob("*.safetensors")))
     proc = atoken("decode", "--ckpt", other_ckpt, str(tmp_path / "t.safetensors"), "-o", str(tmp_path / "x.png"),
                   cache=cache, check=False)
-    assert proc.returncode == 1 and "latent has 8 channels, the checkpoint's model expects 4" in proc.stderr
+    assert proc.returncode == 1 and "expects 4-channel latents, got shape (16, 8)" in proc.stderr
 
 
 def test_fsq_checkpoint_encodes_integer_codes(tmp_path, cache):
