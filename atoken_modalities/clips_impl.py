@@ -9,7 +9,14 @@ import torch
 from atoken_core.imaging import resize_within
 import logging
 
-from atoken_modalities.photos_impl import CropSource, basename, caption_from_name, list_images, resolve_package_path
+from atoken_modalities.photos_impl import (
+    CropSource,
+    basename,
+    caption_from_name,
+    folder_captions,
+    list_images,
+    resolve_package_path,
+)
 from atoken_modalities.video_impl import VideoError, load_video
 
 
@@ -38,7 +45,7 @@ class VideoFolder(CropSource):
 
     def __init__(self, config: Any) -> None:
         self.skipped: list[str] = []
-        train = []
+        train, kept = [], []
         for uri in list_images(config.root, config.extensions):
             try:
                 clip = _load(uri, config)
@@ -49,6 +56,7 @@ class VideoFolder(CropSource):
                 self.skipped.append(f"{uri}: {clip.shape[0]} frames, shorter than a {config.frames}-frame crop")
                 continue
             train.append(clip)
+            kept.append(uri)
         evals = []
         for uri in list_images(config.eval_root, config.extensions):
             try:
@@ -57,4 +65,5 @@ class VideoFolder(CropSource):
                 self.skipped.append(str(err))
         if self.skipped:
             log.warning("skipped %d unreadable video(s), first: %s", len(self.skipped), "; ".join(self.skipped[:3]))
-        super().__init__(train, evals, config.crop, frames=config.frames)
+        captions = folder_captions(config.root, kept, VideoError) if config.captions else None
+        super().__init__(train, evals, config.crop, frames=config.frames, captions=captions)

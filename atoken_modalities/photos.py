@@ -48,11 +48,19 @@ class PackagedPhotosConfig:
         return (3, self.crop, self.crop)
 
 
+def captions_field() -> bool:
+    """Whether a folder source reads captions for its training files (shared with video folders)."""
+    return attrs.field(default=False, metadata={
+        "doc": "read one caption per training file, from ROOT/captions.json ({relative path or file name: caption}) "
+               "or a STEM.txt beside the file: the texts of the semantic losses (SigLIP's sigmoid loss needs them)"})
+
+
 @attrs.define(kw_only=True)
 class ImageFolderConfig:
     root: str = attrs.field(metadata={"doc": "folder of training images (fsspec path or URI)"})
     eval_root: str = attrs.field(metadata={"doc": "folder of held-out images"})
     crop: int = _crop
+    captions: bool = captions_field()
     extensions: list[str] = attrs.field(factory=lambda: [".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"])
 
     def train_sample_shape(self) -> tuple[int, int, int]:

@@ -121,12 +121,27 @@ def list_images(root: str, extensions: list[str]) -> list[str]:
     return [url_of(fs, f) for f in files]
 
 
+def folder_captions(root: str, uris: list[str], error: type[ValueError]) -> list[str]:
+    """The captions of files under ``root`` (captions.json or STEM.txt, as ``atoken eval`` reads
+    them); a missing one is an ``error`` naming the files."""
+    from atoken_core.understanding import UnderstandingError, read_captions
+
+    _, base = fsspec.core.url_to_fs(root)
+    base = base.rstrip("/") + "/"
+    names = [fsspec.core.url_to_fs(u)[1].removeprefix(base) for u in uris]
+    try:
+        return read_captions(root, names)
+    except UnderstandingError as err:
+        raise error(str(err)) from None
+
+
 class ImageFolder(CropSource):
     def __init__(self, config: Any) -> None:
-        train, skipped = [], []
+        train, kept, skipped = [], [], []
         for path in list_images(config.root, config.extensions):
             try:
                 train.append(load_image(path))
+                kept.append(path)
             except ImageError as err:
                 skipped.append(str(err))
         evals = []
@@ -138,4 +153,5 @@ class ImageFolder(CropSource):
         self.skipped = skipped
         if skipped:
             log.warning("skipped %d unreadable image(s), first: %s", len(skipped), "; ".join(skipped[:3]))
-        super().__init__(train, evals, config.crop)
+        captions = folder_captions(config.root, kept, ImageError) if config.captions else None
+        super().__init__(train, evals, config.crop, captions=captions)

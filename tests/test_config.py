@@ -198,3 +198,10 @@ def test_flavor_overrides_are_checked_field_by_field(registries):
     assert problems_of(data, registries) == ["model.flavor_overrides: width 48 is not a multiple of heads 5"]
     data = edited(model__flavor_overrides='{width = 96, depth = 1}')
     assert recipe_from_dict(data, registries).model.resolved_flavor().width == 96
+
+
+def test_model_init_names_its_kind(registries):
+    probs = problems_of(edited(model__init='"ckpt:/x.safetensors"'), registries)
+    assert probs == ["model.init: invalid value: must be '', 'siglip2:PATH' or 'checkpoint:PATH', "
+                     "got 'ckpt:/x.safetensors'"]
+    assert recipe_from_dict(edited(model__init='"checkpoint:/x.safetensors"'), registries).model.init

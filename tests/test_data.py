@@ -109,3 +109,25 @@ def test_directory_is_not_an_image(tmp_path):
     with pytest.raises(ImageError, match="is a directory"):
         load_image(str(tmp_path))
 
+
+
+def test_image_folder_reads_training_captions(memfs):
+    # captions = true: captions.json {relative path: caption} first, else STEM.txt beside the file;
+    # each training sample arrives with its own caption; a file without one is an error naming it.
+    for name, seed in (("a.png", 1), ("sub/b.png", 2), ("c.png", 3)):
+        memfs.pipe(f"/atoken-test/train/{name}", png_bytes(20, 20, seed=seed))
+    memfs.pipe("/atoken-test/eval/e.png", png_bytes(20, 20, seed=4))
+    memfs.pipe("/atoken-test/train/captions.json", b'{"a.png": "red", "sub/b.png": "green"}')
+    config = dict(root="memory://atoken-test/train", eval_root="memory://atoken-test/eval", crop=16, captions=True)
+    with pytest.raises(ImageError, match=r"no caption for 1 sample\(s\), e.g. c.png"):
+        ImageFolder(ImageFolderConfig(**config))
+    memfs.pipe("/atoken-test/train/c.txt", b"blue\n")
+    source = ImageFolder(ImageFolderConfig(**config))
+    samples, texts = source.train_batch_texts(12, step_generator(0, 0))
+    assert sorted(set(texts)) == ["blue", "green", "red"]
+    reference = {t: load_image(f"memory://atoken-test/train/{n}")
+                 for n, t in (("a.png", "red"), ("sub/b.png", "green"), ("c.png", "blue"))}
+    for crop, text in zip(samples, texts):  # each crop (maybe flipped) comes from its caption's file
+        windows = reference[text].unfold(1, 16, 1).unfold(2, 16, 1)  # (C, 5, 5, 16, 16)
+        assert any(torch.equal(windows[:, i, j], c) for i in range(5) for j in range(5) for c in (crop, crop.flip(-1)))
+    assert ImageFolder(ImageFolderConfig(**{**config, "captions": False})).train_batch_texts(2, step_generator(0, 0))[1] is None

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from atoken_core.build import build_model
-from atoken_core.estimate import dry_run, forward_flops
+from atoken_core.estimate import dry_run, format_dry_run, forward_flops
 from atoken_core.recipe import load_recipe
 from atoken_core.sparse import Sparse4D
 from test_model import random_tokens
@@ -93,3 +93,10 @@ def test_full_recipe_dry_run_is_the_papers_four_stages(registries):
     with torch.device("meta"):
         model = build_model(load_recipe(str(ROOT / "recipes" / "full.toml"), registries), registries)
     assert model.heads["3d"].out_features == 32 * 14  # 32 Gaussians per voxel, 14 numbers each
+
+
+def test_finetune_official_dry_run_has_apples_parameter_count(registries):
+    # Apple's So/C has 845,738,048 parameters (OFFICIAL.md, read from its checkpoint's shapes)
+    report = dry_run(load_recipe(str(ROOT / "recipes" / "finetune-official.toml"), registries), registries)
+    assert report["total_params"] == 845_738_048
+    assert "flavor atoken-so-c: 845,738,048 parameters" in format_dry_run(report)

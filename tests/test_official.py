@@ -318,3 +318,76 @@ def test_bf16_inference_runs_matmuls_in_bf16_and_stays_close(converted, inputs):
     error = float((a.mean - b.mean).abs().max())
     assert 0 < error < 0.1, error  # bf16 did run (the result differs), and stays close
     assert float((fp32.decode(a) - bf16.decode(b)).abs().max()) < 0.1
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+@pytest.mark.slow
+def test_finetune_recipe_trains_from_the_converted_weights(converted, inputs, tmp_path, cache):
+    # recipes/finetune-official.toml on CPU with the tiny official-layout model: it starts from
+    # exactly the converted weights (its step-0 evaluation is the converted model's), trains on
+    # image and video with the semantic losses (a random stand-in teacher) and writes a
+    # checkpoint atoken.load reads.
+    from PIL import Image
+    from test_cli import ROOT
+    from test_cli import atoken as atoken_cli
+
+    from atoken_core.evaluate import image_metrics
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    frames = inputs["clip26"]  # 26 frames 18x33: distinct small photographs
+    for i in range(4):
+        Image.fromarray(torch.cat([frames[i], frames[i + 4]], dim=1).numpy()).save(photos / f"p{i}.png")
+    (photos / "captions.json").write_text(json.dumps({f"p{i}.png": f"a photo of part {i} of an astronaut"
+                                                      for i in range(4)}))
+    held_out = tmp_path / "held-out"
+    held_out.mkdir()
+    Image.fromarray(inputs["image"].numpy()).save(held_out / "astronaut.png")
+    teacher = 'teacher="random", teacher_config={embed_dim=32}'
+    sets = [
+        f"model.init=checkpoint:{converted['soc']}",
+        "model.flavor_overrides={width = 32, depth = 2, decoder_depth = 2, heads = 2, mlp = 80}",
+        f'data.image={{kind="image_folder", root="{photos}", eval_root="{held_out}", crop=16, captions=true}}',
+        "data.video={kind=\"packaged_clips\", frames=4, crop=16, max_frames=8, max_side=48, eval_frames=4}",
+        f'loss=[{{kind="l1", weight=0.2}}, {{kind="distill", modalities=["image"], tau=2.0, {teacher}}}, '
+        f'{{kind="sigmoid", modalities=["video"], {teacher}}}, {{kind="kl", weight=1e-8}}]',
+        "stage[0].steps=3", "stage[0].batch_size=2", "optim.warmup_steps=1", "log.every=1",
+        "log.checkpoint_every=3", "eval.pca_baseline=false", "eval.grid_images=1",
+    ]
+    out = tmp_path / "run"
+    atoken_cli("run", str(ROOT / "recipes" / "finetune-official.toml"), "--out", str(out), "--no-progress",
+           *[a for s in sets for a in ("--set", s)], cache=cache)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert {"image/l1", "image/distill", "video/l1", "video/sigmoid"} <= set(rows[0])
+    report = json.loads((out / "eval.json").read_text())
+    tok = atoken.load(converted["soc"], device="cpu")
+    x = unit(inputs["image"])
+    want = image_metrics(tok.modality("image").targets([x * 2 - 1], tok.model.spec)[0], tok.reconstruct(x, "image") * 2 - 1)
+    got = report["step_0"]["image"]["per_image"]["astronaut.png"]
+    assert got["psnr"] == pytest.approx(want["psnr"], abs=1e-3) and got["ssim"] == pytest.approx(want["ssim"], abs=1e-4)
+    final = atoken.load(str(next((out / "checkpoints").glob("step-000003.safetensors"))), device="cpu")
+    assert final.recipe.model.flavor == "atoken-so-c" and final.decode(final.encode(x, "image")).shape == (3, 48, 64)
+
+
+@pytest.mark.slow
+def test_finetune_from_a_checkpoint_of_another_architecture_stops_before_training(converted, tmp_path, cache):
+    # s1's 32-channel latent into a recipe for So/C's 48: one error listing the tensors, no step run.
+    from test_cli import ROOT
+    from test_cli import atoken as atoken_cli
+
+    sets = [f"model.init=checkpoint:{converted['s1']}",
+            "model.flavor_overrides={width = 32, depth = 2, decoder_depth = 2, heads = 2, mlp = 80}",
+            'data.image={kind="packaged_photos", crop=16, video_frames=0}',
+            'data.video={kind="packaged_clips", frames=4, crop=16, max_frames=8, max_side=48, eval_frames=4}',
+            'loss=[{kind="l1"}]', "stage[0].steps=2", "stage[0].batch_size=2"]
+    out = tmp_path / "run"
+    proc = atoken_cli("run", str(ROOT / "recipes" / "finetune-official.toml"), "--out", str(out), "--no-progress",
+                      *[a for s in sets for a in ("--set", s)], cache=cache, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{converted['s1']}: checkpoint does not match this model architecture" in proc.stderr
+    assert "shape mismatch bottleneck.proj.weight: checkpoint (64, 32) vs model (96, 32)" in proc.stderr
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text()
