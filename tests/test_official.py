@@ -64,6 +64,29 @@ def official_pixels(recon_lf, rows, cols, frames):
     return ((video[:frames].clamp(-1, 1)) + 1) / 2
 
 
+def assert_model_matches(tok, tokens, ref, prefix, frames):
+    """Every intermediate output of ``tokens`` through the converted model against the official
+    code's: encoder features, pooled embedding, KL mean and log-variance or FSQ values and codes,
+    and the reconstruction from them."""
+    model = tok.model
+    with torch.no_grad():
+        features = model.encode(tokens)
+        torch.testing.assert_close(features, ref[prefix + "features"], **TOL)
+        pooled = F.normalize(model.semantic_embedding(features, tokens), dim=-1)
+        torch.testing.assert_close(pooled, ref[prefix + "pooled"], **TOL)
+        out = model.bottleneck(features, sample=False)
+        if tok.discrete:
+            assert torch.equal(out.codes, ref[prefix + "codes"])
+            torch.testing.assert_close(out.latent, ref[prefix + "quantized"], atol=0, rtol=0)
+            recon = ref[prefix + "recon_quantized"]
+        else:
+            post = out.aux["posterior"]
+            torch.testing.assert_close(post.mean, ref[prefix + "mean"], **TOL)
+            torch.testing.assert_close(post.logvar, ref[prefix + "logvar"], **TOL)
+            recon = ref[prefix + "recon_mean"]
+        torch.testing.assert_close(model.decode(tokens.with_features(out.latent), frames=frames), recon, **TOL)
+
+
 # Sample slices of the official packed batch [image 3x4 tokens | clip8 2x2x2 | clip26 6x1x2].
 SLICES = {"image": slice(0, 12), "clip8": slice(12, 20), "clip26": slice(20, 32)}
 
@@ -95,23 +118,7 @@ def test_packed_batch_matches_official_outputs(converted, inputs, name):
     # official coords are (batch, t, row, col, z); atoken's (t, x = col, y = row, z)
     c = batch.coords
     assert torch.equal(torch.stack([batch.sample_ids(), c[:, 0], c[:, 2], c[:, 1], c[:, 3]], 1), ref["official_coords"])
-    model = tok.model
-    with torch.no_grad():
-        features = model.encode(batch)
-        torch.testing.assert_close(features, ref["features"], **TOL)
-        torch.testing.assert_close(F.normalize(model.semantic_embedding(features, batch), dim=-1), ref["pooled"], **TOL)
-        out = model.bottleneck(features, sample=False)
-        latent = out.latent
-        if name == "sod":
-            assert torch.equal(out.codes, ref["codes"])
-            torch.testing.assert_close(latent, ref["quantized"], atol=0, rtol=0)
-            recon = ref["recon_quantized"]
-        else:
-            post = out.aux["posterior"]
-            torch.testing.assert_close(post.mean, ref["mean"], **TOL)
-            torch.testing.assert_close(post.logvar, ref["logvar"], **TOL)
-            recon = ref["recon_mean"]
-        torch.testing.assert_close(model.decode(batch.with_features(latent), frames=4), recon, **TOL)
+    assert_model_matches(tok, batch, ref, "", frames=4)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -151,18 +158,7 @@ def test_voxels_through_the_main_model_match_official(converted, inputs, name):
     xyz = inputs["voxel_xyz"].long()
     tokens = Sparse4D.single(inputs["voxel_colours"] * 2 - 1,
                              torch.stack([torch.zeros_like(xyz[:, 0]), xyz[:, 1], xyz[:, 0], xyz[:, 2]], 1))
-    model = tok.model
-    with torch.no_grad():
-        features = model.encode(tokens)
-        torch.testing.assert_close(features, ref["voxel_features"], **TOL)
-        torch.testing.assert_close(F.normalize(model.pool(features, tokens), dim=-1), ref["voxel_pooled"], **TOL)
-        out = model.bottleneck(features, sample=False)
-        if name == "sod":
-            assert torch.equal(out.codes, ref["voxel_codes"])
-        else:
-            torch.testing.assert_close(out.latent, ref["voxel_mean"], **TOL)
-        key = "voxel_recon_quantized" if name == "sod" else "voxel_recon_mean"
-        torch.testing.assert_close(model.decode(tokens.with_features(out.latent), frames=1), ref[key], **TOL)
+    assert_model_matches(tok, tokens, ref, "voxel_", frames=1)  # the first 768 values per voxel
 
 
 def test_cli_encode_decode_and_eval_give_the_official_reconstruction(converted, inputs, tmp_path, capsys):
