@@ -26,13 +26,14 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from atoken_core.errors import UserError
 from atoken_core.registry import Registries
 from atoken_core.sparse import Sparse4D
 
 __all__ = ["Encoding", "Tokenizer", "TokenizerError", "load"]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A request the checkpoint cannot serve (another modality, a latent of another width...)."""
 
 

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
+from atoken_core.errors import UserError
 from atoken_core import __version__
 from atoken_core.io import atomic_write_bytes, read_safetensors
 
 FORMAT = "atoken-checkpoint-v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     pass
 
 

@@ -343,27 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from atoken_core.api import TokenizerError
-    from atoken_core.checkpoint import CheckpointError
-    from atoken_core.config import ConfigError
-    from atoken_core.plugin_manager import PluginLoadError
-    from atoken_core.registry import RegistryError
-    from atoken_core.eval_run import EvalError
-    from atoken_core.train import TrainingError
-    from atoken_losses.vgg16_weights import WeightsError
-    from atoken_modalities.image_impl import ImageError
-    from atoken_modalities.video_impl import VideoError
+    """What is printed as one line: errors a user can fix (every plugin's derive from UserError)
+    and files that are not there."""
+    from atoken_core.errors import UserError
 
-    return (ConfigError, RegistryError, PluginLoadError, CheckpointError, TrainingError, WeightsError, ImageError,
-            VideoError, EvalError, TokenizerError, FileNotFoundError)
+    return (UserError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from atoken_core.plugin_manager import PluginLoadError
+    from atoken_core.errors import UserError
 
     try:
         parser = build_parser()
-    except PluginLoadError as err:
+    except UserError as err:  # a plugin that cannot load
         print(f"atoken: error: {err}", file=sys.stderr)
         return 1
     args = parser.parse_args(argv)

@@ -20,8 +20,10 @@ import cattrs
 from cattrs.cols import is_sequence, list_structure_factory
 from cattrs.errors import ForbiddenExtraKeysError
 
+from atoken_core.errors import UserError
 
-class ConfigError(Exception):
+
+class ConfigError(UserError):
     """One or more problems in a config; ``problems`` holds one ``path: message`` line each."""
 
     def __init__(self, problems: list[str], source: str | None = None) -> None:

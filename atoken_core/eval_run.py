@@ -21,6 +21,7 @@ import attrs
 import torch
 from tqdm.auto import tqdm
 
+from atoken_core.errors import UserError
 from atoken_core import __version__
 from atoken_core.build import build_modality, model_from_checkpoint
 from atoken_core.evaluate import SSIM_SETTINGS, image_metrics, mean_metrics, modality_head, reconstruct_images, save_grid
@@ -42,7 +43,7 @@ VIDEO_EXTENSIONS = [".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"]
 DEFAULT_PROMPTS = {"image": "a photo of a {}.", "video": "a video of a {}."}
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     pass
 
 

@@ -14,6 +14,7 @@ import os
 
 import pluggy
 
+from atoken_core.errors import UserError
 from atoken_core import PROJECT_NAME, hookspecs
 from atoken_core.registry import Registries
 
@@ -39,7 +40,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
 )
 
 
-class PluginLoadError(Exception):
+class PluginLoadError(UserError):
     pass
 
 
@@ -52,15 +53,45 @@ def get_plugin_manager() -> pluggy.PluginManager:
         module_name = module_name.strip()
         try:
             module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise PluginLoadError(f"{EXTRA_PLUGINS_ENV}: cannot import plugin module {module_name!r}: {err}") from err
+        except Exception as err:  # anything its import raises
+            raise PluginLoadError(f"{EXTRA_PLUGINS_ENV}: cannot import plugin module {module_name!r}: "
+                                  f"{type(err).__name__}: {err}") from err
         if not pm.is_registered(module):
             pm.register(module, name=module_name)
-    if not os.environ.get(DISABLE_AUTOLOAD_ENV):
-        # Names already registered (the built-ins) are skipped by pluggy.
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    pm.check_pending()
+    origins = _load_entry_points(pm) if not os.environ.get(DISABLE_AUTOLOAD_ENV) else {}
+    try:
+        pm.check_pending()  # hook implementations whose name no hookspec has
+    except pluggy.PluginValidationError as err:
+        name = pm.get_name(err.plugin) or "?"
+        raise PluginLoadError(f"{origins.get(name, f'plugin {name!r}')} does not fit atoken's hooks: {err}"
+                              f"{_AUTOLOAD_HINT if name in origins else ''}") from err
     return pm
+
+
+_AUTOLOAD_HINT = f"; fix or uninstall it, or set {DISABLE_AUTOLOAD_ENV}=1 to load only atoken's own plugins"
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> dict[str, str]:
+    """Every installed distribution's ``atoken`` entry points (names already registered, the
+    built-ins, are skipped), as pluggy's ``load_setuptools_entrypoints`` does, except that a
+    plugin that fails to import or to register is one error naming it and its distribution.
+    Returns each loaded plugin's description, by name."""
+    import importlib.metadata
+
+    origins = {}
+    for dist in list(importlib.metadata.distributions()):
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP or pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+                continue
+            where = f"plugin {ep.name!r} ({ep.value}, from {dist.metadata['Name']} {dist.version})"
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except pluggy.PluginValidationError as err:
+                raise PluginLoadError(f"{where} does not fit atoken's hooks: {err}{_AUTOLOAD_HINT}") from err
+            except Exception as err:  # anything its import raises
+                raise PluginLoadError(f"{where} failed to import: {type(err).__name__}: {err}{_AUTOLOAD_HINT}") from err
+            origins[ep.name] = where
+    return origins
 
 
 @functools.cache

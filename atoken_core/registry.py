@@ -14,6 +14,8 @@ from typing import Any
 
 import attrs
 
+from atoken_core.errors import UserError
+
 KINDS: dict[str, str] = {
     # registry kind -> hook that fills it
     "modality": "atoken_modalities",
@@ -25,7 +27,7 @@ KINDS: dict[str, str] = {
 }
 
 
-class RegistryError(Exception):
+class RegistryError(UserError):
     """A name is missing from, or claimed twice in, a registry."""
 
 

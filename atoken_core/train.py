@@ -13,6 +13,7 @@ import fsspec
 import torch
 from tqdm.auto import tqdm
 
+from atoken_core.errors import UserError
 from atoken_core import __version__
 from atoken_core.build import build_bottleneck, build_component, build_model, build_modality
 from atoken_core.checkpoint import (
@@ -59,7 +60,7 @@ CKPT_RE = re.compile(r"step-(\d+)\.(safetensors|dcp)$")
 DCP_META = "atoken.json"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     pass
 
 

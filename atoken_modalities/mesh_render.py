@@ -16,13 +16,14 @@ import os
 import numpy as np
 import torch
 
+from atoken_core.errors import UserError
 from atoken_core.io import read_input
 from atoken_modalities.cameras import Cameras
 
 MESH_SUFFIXES = (".obj", ".ply", ".glb", ".gltf", ".off", ".stl")
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """A mesh that cannot be used, with the file it came from."""
 
 

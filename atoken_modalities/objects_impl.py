@@ -10,6 +10,7 @@ import attrs
 import torch
 from einops import rearrange
 
+from atoken_core.errors import UserError
 from atoken_core.interfaces import DataSource, Modality, PatchSpec, Tokens
 from atoken_core.sparse import Sparse4D
 from atoken_modalities.cameras import Cameras, orbit_cameras, sphere_cameras
@@ -49,7 +50,7 @@ class Asset3D:
         return self.target_views, self.target_cameras
 
 
-class ThreeDError(ValueError):
+class ThreeDError(UserError, ValueError):
     """A 3D sample that cannot be used, naming where it came from."""
 
 

@@ -49,6 +49,7 @@ import fsspec
 import numpy as np
 import torch
 
+from atoken_core.errors import UserError
 from atoken_core.imaging import resize_within
 from atoken_core.interfaces import DataSource
 from atoken_core.io import url_of
@@ -64,7 +65,7 @@ KEEP_SKIPPED = 10  # messages kept in ``skipped``
 AUGMENT_DRAWS = 5  # uniform numbers drawn per sample: temporal start, top, left, flip, rotation
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard set, shard or member that cannot be used, naming where it came from."""
 
 

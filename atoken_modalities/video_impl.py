@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from atoken_core.errors import UserError
 from atoken_core.interfaces import Modality, PatchSpec, Tokens
 from atoken_core.sparse import Sparse4D
 from atoken_modalities.image_impl import center_crop, save_image
 
 
-class VideoError(ValueError):
+class VideoError(UserError, ValueError):
     """A video that cannot be used, with the file (or sample) it came from."""
 
 

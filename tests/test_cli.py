@@ -324,3 +324,13 @@ def test_run_report_counts_skipped_files(tmp_path, cache):
     report = json.loads((out / "eval.json").read_text())
     assert report["data"]["image"]["n_skipped"] == 1
     assert "broken.png" in report["data"]["image"]["skipped_first"][0]
+
+
+def test_plugin_errors_are_one_line_without_a_traceback(tmp_path, cache):
+    # A data source's own error type (a tar_shards pattern matching nothing) reaches the user as
+    # one line: every plugin error derives from atoken_core.errors.UserError.
+    proc = atoken("run", TINY, "--out", str(tmp_path / "run"), "--no-progress", "--set",
+                  f'data.image={{kind="tar_shards", shards=["{tmp_path}/none-*.tar"], eval_shards=["{tmp_path}/x.tar"]}}',
+                  cache=cache, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"atoken: error: {tmp_path}/none-*.tar: no shard matches this pattern"

@@ -74,3 +74,31 @@ def test_recipe_fails_when_autoload_disabled(recipe: Path) -> None:
     result = cli("validate", str(recipe), ATOKEN_DISABLE_PLUGIN_AUTOLOAD="1")
     assert result.returncode != 0
     assert "charbonnier" in result.stderr and "unknown" in result.stderr, result.stderr
+
+
+def _installed_distribution(root: Path, name: str, module_source: str) -> None:
+    """A distribution as pip leaves one (a module and its dist-info with an ``atoken`` entry point)."""
+    (root / f"{name}.py").write_text(module_source)
+    info = root / f"{name}-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text(f"[atoken]\n{name.removesuffix('_plugin')} = {name}\n")
+
+
+@pytest.mark.parametrize("source, problem", [
+    ("import not_a_module_anywhere\n", "failed to import: ModuleNotFoundError: No module named 'not_a_module_anywhere'"),
+    ("raise RuntimeError('boom at import')\n", "failed to import: RuntimeError: boom at import"),
+    ("from atoken_core import hookimpl\n\n@hookimpl\ndef atoken_losess():\n    return []\n", "does not fit atoken's hooks"),
+])
+def test_a_broken_installed_plugin_is_one_line_naming_it(tmp_path: Path, source: str, problem: str) -> None:
+    _installed_distribution(tmp_path, "broken_plugin", source)
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    for args in (["plugins"], ["validate", str(REPO / "recipes/tiny.toml")]):
+        result = cli(*args, PYTHONPATH=pythonpath)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and problem in line, line
+        assert "plugin 'broken' (broken_plugin, from broken_plugin 0.3)" in line
+        assert "ATOKEN_DISABLE_PLUGIN_AUTOLOAD=1" in line
+    # the way out the message names works
+    assert cli("plugins", PYTHONPATH=pythonpath, ATOKEN_DISABLE_PLUGIN_AUTOLOAD="1").returncode == 0

@@ -40,6 +40,7 @@ import fsspec
 import torch
 import torch.nn.functional as F
 
+from atoken_core.errors import UserError
 from atoken_core.interfaces import Teacher
 from atoken_core.io import cache_dir
 
@@ -49,7 +50,7 @@ _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL codes that processors store -> 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TeacherFilesError(FileNotFoundError):
+class TeacherFilesError(UserError, FileNotFoundError):
     """A teacher directory is missing or lacks files; the message names the path."""
 
 
