@@ -122,8 +122,6 @@ def _pick_modality(tok, requested: str | None, path: str) -> str:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    import os
-
     from safetensors.torch import save as st_save
 
     from atoken_core.api import TokenizerError, load

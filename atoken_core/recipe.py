@@ -275,9 +275,12 @@ def _check_released_weights_layout(recipe: Recipe, flavor: Flavor, problems: lis
     if flavor.bottleneck is not None and spec.kind != flavor.bottleneck:
         problems.append(f"bottleneck.kind: flavour {name!r} uses {flavor.bottleneck!r}, got {spec.kind!r}")
     elif spec.config is not None:
+        def plain(value: Any) -> Any:  # TOML gives lists where a flavour holds tuples
+            return list(value) if isinstance(value, (list, tuple)) else value
+
         for key, want in flavor.bottleneck_settings:
             have = getattr(spec.config, key, None)
-            if (list(have) if isinstance(have, (list, tuple)) else have) != (list(want) if isinstance(want, tuple) else want):
+            if plain(have) != plain(want):
                 problems.append(f"bottleneck.{key}: flavour {name!r} needs {want!r}, got {have!r}")
 
 

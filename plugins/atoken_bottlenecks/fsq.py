@@ -13,6 +13,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from atoken_bottlenecks.kl import grow_rows, mean_rows, zero_mean_rows
 from atoken_core.interfaces import Bottleneck, BottleneckOutput
 
 
@@ -81,8 +82,7 @@ class FSQBottleneck(Bottleneck):
         return z if offset is None else z + offset
 
     def latent_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bias = self.proj.bias
-        return self.proj.weight[: self.latent_dim], None if bias is None else bias[: self.latent_dim]
+        return mean_rows(self.proj, self.latent_dim)
 
     @torch.no_grad()
     def convert_from(self, old: Bottleneck) -> bool:
@@ -120,8 +120,6 @@ class FSQBottleneck(Bottleneck):
         # over the levels from the first step.
         nn.init.normal_(self.proj.weight[k:n], std=self.proj.in_features**-0.5)
         if self.logvar_rows:
-            from atoken_bottlenecks.kl import grow_rows
-
             grow_rows(self.proj, old.proj, k, n)
             return
         self.proj.weight[:k].copy_(old.proj.weight)
@@ -129,7 +127,4 @@ class FSQBottleneck(Bottleneck):
             self.proj.bias[:k].copy_(old.proj.bias)
 
     def zero_init_projection(self) -> None:
-        with torch.no_grad():
-            self.proj.weight[: self.latent_dim].zero_()
-            if self.proj.bias is not None:
-                self.proj.bias[: self.latent_dim].zero_()
+        zero_mean_rows(self.proj, self.latent_dim)

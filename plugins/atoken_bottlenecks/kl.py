@@ -62,14 +62,24 @@ class KLBottleneck(Bottleneck):
         grow_rows(self.proj, old.proj, old.latent_dim, self.latent_dim)
 
     def latent_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bias = self.proj.bias
-        return self.proj.weight[: self.latent_dim], None if bias is None else bias[: self.latent_dim]
+        return mean_rows(self.proj, self.latent_dim)
 
     def zero_init_projection(self) -> None:
-        with torch.no_grad():  # the mean rows only: the logvar head keeps its configured start
-            self.proj.weight[: self.latent_dim].zero_()
-            if self.proj.bias is not None:
-                self.proj.bias[: self.latent_dim].zero_()
+        zero_mean_rows(self.proj, self.latent_dim)  # the logvar head keeps its configured start
+
+
+def mean_rows(proj: nn.Linear, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias or None) of the first ``n`` rows of a projection: the mean of a
+    [mean | log-variance] one (KL; FSQ with logvar_rows), or all of a plain FSQ one."""
+    return proj.weight[:n], None if proj.bias is None else proj.bias[:n]
+
+
+@torch.no_grad()
+def zero_mean_rows(proj: nn.Linear, n: int) -> None:
+    """Zero the first ``n`` rows (weight and bias) of a projection: its latent's contribution."""
+    proj.weight[:n].zero_()
+    if proj.bias is not None:
+        proj.bias[:n].zero_()
 
 
 @torch.no_grad()

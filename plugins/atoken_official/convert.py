@@ -66,13 +66,13 @@ class OfficialImportError(CheckpointError):
 # ----------------------------------------------------------------------------- reading
 
 
-def read_arch_config(path: str) -> dict[str, Any]:
-    """The YAML's ``model.model_cfg.arch_cfg`` with the official defaults filled in; unknown
-    keys are an error listing them."""
+def read_arch_config(text: bytes, path: str) -> dict[str, Any]:
+    """The YAML's (``text``, read from ``path``) ``model.model_cfg.arch_cfg`` with the official
+    defaults filled in; unknown keys are an error listing them."""
     import yaml
 
     try:
-        data = yaml.safe_load(read_input(path, OfficialImportError))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise OfficialImportError(f"{path}: not valid YAML: {err}") from None
     arch = (((data or {}).get("model") or {}).get("model_cfg") or {}).get("arch_cfg") if isinstance(data, dict) else None
@@ -291,7 +291,8 @@ def import_official(checkpoint: str, config: str, output: str, *, name: str | No
     if os.path.abspath(output) in (os.path.abspath(checkpoint), os.path.abspath(config)):
         raise OfficialImportError(f"{output}: the output would overwrite an input")
     registries = registries or get_registries()
-    arch = read_arch_config(config)
+    config_bytes = read_input(config, OfficialImportError)
+    arch = read_arch_config(config_bytes, config)
     base, overrides, latent, bottleneck = architecture(arch, config)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(checkpoint).rsplit(".", 1)[0]) or "official"
     video = not base.endswith("-s1")
@@ -304,7 +305,7 @@ def import_official(checkpoint: str, config: str, output: str, *, name: str | No
     tensors, ignored = convert_state(state, expected, checkpoint)
     provenance = {
         "origin": "apple/ml-atoken", "file": os.path.basename(checkpoint), "sha256": digest,
-        "config": os.path.basename(config), "config_sha256": hashlib.sha256(read_input(config, OfficialImportError)).hexdigest(),
+        "config": os.path.basename(config), "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
         "weights_terms": WEIGHTS_TERMS,
     }
     save_checkpoint(output, model, recipe=recipe_to_dict(recipe), step=0, stage=0, model_state=tensors,
