@@ -55,10 +55,6 @@ class Encoding:
         return int(self.coords.shape[0])
 
 
-def _checkpoint_modalities(recipe: Any) -> list[str]:
-    return sorted({m for stage in recipe.stage for m in stage.modalities})
-
-
 class Tokenizer:
     """A checkpoint's model with its recipe's modalities, ready for inference."""
 
@@ -70,7 +66,9 @@ class Tokenizer:
         self.source = source
         self.metadata = metadata or {}
         self.dtype = dtype
-        self.modalities = _checkpoint_modalities(recipe)
+        from atoken_core.build import checkpoint_modalities
+
+        self.modalities = checkpoint_modalities(recipe)
         self._built: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ facts
@@ -120,21 +118,12 @@ class Tokenizer:
                 with torch.autocast(self.device.type, dtype=self.dtype):
                     yield
 
-    def _is_pixel(self, modality: Any) -> bool:
-        return modality.head_dim(self.model.spec) is None
-
     def _sample(self, x: Any, modality: Any) -> Any:
-        """A user's input as the modality's internal sample: a path is read by the modality;
-        pixel tensors in [0, 1] become [-1, 1]."""
+        """A user's input as the modality's internal sample: a path is read by the modality; other
+        inputs go through :meth:`Modality.from_user` (pixels in [0, 1] become [-1, 1])."""
         if isinstance(x, str):
             return modality.read(x)
-        if torch.is_tensor(x) and self._is_pixel(modality):
-            if x.dtype == torch.uint8:
-                raise TokenizerError("expected float pixels in [0, 1], got uint8 (divide by 255 first)")
-            if not x.is_floating_point():
-                raise TokenizerError(f"expected float pixels in [0, 1], got {x.dtype}")
-            return x.float() * 2 - 1
-        return x
+        return modality.from_user(x)
 
     def _modality_name(self, modality: str | None) -> str:
         if modality is not None:
@@ -143,29 +132,32 @@ class Tokenizer:
             return self.modalities[0]
         raise TokenizerError(f"{self.source}: trained on {', '.join(self.modalities)}; pass modality=")
 
-    def _tokens(self, x: Any, modality: str | None) -> tuple[str, Any, Any]:
+    def _tokens(self, x: Any, modality: str | None, read: bool = False) -> tuple[str, Any, Any]:
         name = self._modality_name(modality)
         mod = self.modality(name)
-        tokens = mod.patchify([self._sample(x, mod)], self.model.spec)
+        tokens = mod.patchify([x if read else self._sample(x, mod)], self.model.spec)
         return name, mod, tokens
 
     # ------------------------------------------------------------------ the three calls
     def encode(self, x: Any, modality: str | None = None, *, sample: bool = False,
-               generator: torch.Generator | None = None) -> Encoding:
+               generator: torch.Generator | None = None, read: bool = False) -> Encoding:
         """One sample (a tensor in [0, 1] for pixel modalities, or a file path) -> its tokens.
-        ``modality`` may be left out when the checkpoint knows only one."""
-        name, _, tokens = self._tokens(x, modality)
+        ``modality`` may be left out when the checkpoint knows only one. ``read=True``: ``x`` is
+        already in the modality's own form (what :meth:`Modality.read` returns), as batch
+        extraction reads it."""
+        name, mod, tokens = self._tokens(x, modality, read)
         patches = tokens.patches.to(self.device)
+        stem = self._head(name)
         with self._inference():
-            features = self.model.encode(patches)
-            out = self.model.bottleneck(features, sample=False, offset=self.model.latent_offset(patches))
+            features = self.model.encode(patches, stem)
+            out = self.model.bottleneck(features, sample=False, offset=self.model.latent_offset(patches, stem))
         posterior = out.aux.get("posterior")
         mean = out.latent.float()
         if sample:
             if posterior is None:
                 raise TokenizerError(f"{self.source}: a discrete checkpoint has no posterior to sample")
             mean = posterior.sample(generator).float()
-        frames = max(1, tokens.patches.features.shape[1] // self.model.spec.frame_dim)
+        frames = max(1, tokens.patches.features.shape[1] // self.model.patch_embed_of(stem).spec.frame_dim)
         return Encoding(
             modality=name, coords=patches.coords.cpu(), mean=mean.cpu(),
             codes=None if out.codes is None else out.codes.cpu(),
@@ -196,21 +188,24 @@ class Tokenizer:
         part of the input that was tokenised, e.g. the centre crop under size_policy = 'crop')."""
         mod = self.modality(enc.modality)
         latent = Sparse4D.single(self.latent_of(enc), enc.coords.to(self.device))
-        head = enc.modality if enc.modality in self.model.heads else None
         with self._inference():
-            recon = self.model.decode(latent, enc.frames, head)
+            recon = self.model.decode(latent, enc.frames, self._head(enc.modality))
         out = mod.unpatchify(latent.with_features(recon.float().cpu()), [enc.meta], self.model.spec)[0]
-        return ((out.clamp(-1, 1) + 1) / 2) if self._is_pixel(mod) else out
+        return mod.to_user(out)
+
+    def _head(self, modality: str) -> str | None:
+        """The model's own output head and input stem of ``modality``, None for the shared ones."""
+        return modality if modality in self.model.heads else None
 
     def embed(self, x: Any, modality: str | None = None) -> torch.Tensor:
         """(D,) the pooled semantic embedding (W_s of the attention pool where the flavour has
         W_s), L2-normalised: what image-text similarity reads."""
         if self.model.pool_head is None:
             raise TokenizerError(f"{self.source}: flavour {self.recipe.model.flavor!r} has no semantic head")
-        _, _, tokens = self._tokens(x, modality)
+        name, _, tokens = self._tokens(x, modality)
         patches = tokens.patches.to(self.device)
         with self._inference():
-            emb = self.model.semantic_embedding(self.model.encode(patches), patches)
+            emb = self.model.semantic_embedding(self.model.encode(patches, self._head(name)), patches)
         return F.normalize(emb.float(), dim=-1)[0].cpu()
 
     def reconstruct(self, x: Any, modality: str | None = None) -> Any:

@@ -23,10 +23,16 @@ def _registries():
 def cmd_validate(args: argparse.Namespace) -> int:
     from atoken_core.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, _registries(), args.set)
+    from atoken_core.build import check_modalities
+
+    registries = _registries()
+    recipe = load_recipe(args.recipe, registries, args.set)
+    unchecked = check_modalities(recipe, registries)
     steps = sum(s.steps for s in recipe.stage)
     print(f"{args.recipe}: OK ({len(recipe.stage)} stage(s), {steps} steps, flavor {recipe.model.flavor}, "
           f"bottleneck {recipe.bottleneck.kind}, losses {', '.join(s.kind for s in recipe.loss)})")
+    if unchecked:
+        print(f"  not run through the model (no Modality.example): {', '.join(unchecked)}")
     return 0
 
 
@@ -34,8 +40,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from atoken_core.recipe import load_recipe
     from atoken_core.train import run_recipe
 
+    from atoken_core.build import check_modalities
+
     registries = _registries()
     recipe = load_recipe(args.recipe, registries, args.set)
+    check_modalities(recipe, registries)
     if args.dry_run:
         from atoken_core.estimate import dry_run, format_dry_run
 
@@ -122,6 +131,36 @@ def _pick_modality(tok, requested: str | None, path: str) -> str:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    from atoken_core.extract import ExtractError, ExtractOptions, is_batch_input, run_extract
+
+    if is_batch_input(args.input):
+        # a folder or tar shards -> OUT/part-*.safetensors, stats.json, index.json (atoken_core/extract.py)
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            import torch
+
+            gpus = torch.cuda.device_count()
+            if gpus and args.nproc > gpus:
+                raise ExtractError(f"--nproc {args.nproc}: this machine has {gpus} GPU(s); one process per GPU")
+            return launch_torchrun(args.nproc)
+        options = ExtractOptions(inputs=list(args.input), out=args.output, ckpt=args.ckpt, modality=args.modality,
+                                 shard_samples=args.shard_samples, device=args.device,
+                                 progress=not args.no_progress, workers=args.workers)
+        try:
+            run_extract(options)
+        finally:
+            if "WORLD_SIZE" in os.environ:
+                import torch.distributed as dist
+
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+        return 0
+    if args.nproc > 1:
+        raise ExtractError("--nproc applies to a data folder or tar shards, not to one file")
+    return _encode_one(args, args.input[0])
+
+
+def _encode_one(args: argparse.Namespace, path: str) -> int:
+    """`atoken encode FILE -o TOKENS.safetensors`: one file's tokens."""
     from safetensors.torch import save as st_save
 
     from atoken_core.api import TokenizerError, load
@@ -130,8 +169,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if os.path.abspath(args.output) == os.path.abspath(args.ckpt):
         raise TokenizerError(f"{args.output}: is the checkpoint itself; refusing to overwrite it")
     tok = load(args.ckpt, device=args.device)
-    modality = _pick_modality(tok, args.modality, args.input)
-    enc = tok.encode(args.input, modality)
+    modality = _pick_modality(tok, args.modality, path)
+    enc = tok.encode(path, modality)
     # discrete: the integer codes only (the decoder's latent is a function of them)
     tensors = {"coords": enc.coords.contiguous()}
     if enc.codes is not None:
@@ -153,7 +192,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     }
     atomic_write_bytes(args.output, st_save(tensors, metadata=metadata))
     kind = f"{enc.codes.shape[1]} integer codes each" if enc.codes is not None else f"{enc.mean.shape[1]}-channel latents"
-    print(f"{args.input}: {modality}, {enc.num_tokens} tokens ({kind}) -> {args.output}")
+    print(f"{path}: {modality}, {enc.num_tokens} tokens ({kind}) -> {args.output}")
     return 0
 
 
@@ -187,7 +226,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
                    meta=json.loads(header["meta"]))
     sample = tok.decode(enc)
     mod = tok.modality(modality)
-    written = mod.write(sample * 2 - 1 if torch.is_tensor(sample) else sample, args.output)
+    written = mod.write(mod.from_user(sample), args.output)
     shape = "x".join(str(s) for s in sample.shape) if torch.is_tensor(sample) else ""
     print(f"{args.tokens}: decoded {enc.num_tokens} {modality} tokens -> {', '.join(written)} {shape}".rstrip())
     return 0
@@ -218,7 +257,7 @@ def cmd_import_siglip2(args: argparse.Namespace) -> int:
     wrong = sorted(set(own) ^ set(tensors)) + [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
     if wrong:
         raise RuntimeError(f"SigLIP2 conversion does not match AToken's encoder: {', '.join(wrong[:8])}")
-    metadata = {"format": "atoken-encoder-v1", "source": args.path, "origin": "siglip2",
+    metadata = {"format": "atoken-encoder-v1", "source": args.path, "origin": "siglip2 vision tower",
                 "flavor": args.flavor, "atoken_version": __version__}
     atomic_write_bytes(args.output, st_save(tensors, metadata=metadata))
     params = sum(t.numel() for t in tensors.values())
@@ -228,18 +267,17 @@ def cmd_import_siglip2(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from atoken_core.eval_run import EvalOptions, run_eval
+    from atoken_core.eval_run import EvalOptions, parse_metric_options, run_eval
 
     options = EvalOptions(
         modality=args.modality, metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
-        max_side=args.max_side, max_frames=args.max_frames, lpips_weights=args.lpips_weights,
+        max_side=args.max_side, max_frames=args.max_frames, metric_options=parse_metric_options(args.metric_option),
         inception_weights=args.inception_weights, i3d_weights=args.i3d_weights, teacher=args.teacher,
         prompt=args.prompt, seed=args.seed, probe_test_fraction=args.probe_test_fraction,
-        heldout_views=args.heldout_views, progress=not args.no_progress)
+        heldout_views=args.heldout_views, grid_images=args.grid_images, progress=not args.no_progress)
     report = run_eval(args.ckpt, args.data, args.out, _registries(), options)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items() if isinstance(v, float))
-    kind = {"image": "images", "video": "clips", "3d": "assets"}[args.modality]
-    print(f"{args.data}: {report['n_samples']} {kind} ({report['n_skipped']} skipped): {shown} -> {args.out}")
+    print(f"{args.data}: {report['n_samples']} {report['unit']} ({report['n_skipped']} skipped): {shown} -> {args.out}")
     return 0
 
 
@@ -273,22 +311,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("eval", help="reconstruction and understanding metrics of a checkpoint on images, videos or 3D assets",
-                       description="Metrics per modality: image: psnr ssim lpips rfid codebook zeroshot retrieval probe; "
-                                   "video: psnr ssim lpips rfvd codebook zeroshot retrieval probe; 3d: psnr ssim lpips "
-                                   "codebook. zeroshot and probe read classes from DATA/CLASS/FILE; retrieval reads "
-                                   "captions from DATA/captions.json {file: caption} or STEM.txt beside each file.")
+    modalities = sorted(_registries()["modality"])
+    p = sub.add_parser("eval", help="reconstruction and understanding metrics of a checkpoint on a folder of samples",
+                       description="Metrics per modality: `atoken plugins` lists the modalities; each declares the "
+                                   "metrics it supports (image: psnr ssim lpips rfid codebook zeroshot retrieval probe; "
+                                   "video: rfvd instead of rfid; 3d: psnr ssim lpips codebook); any registered loss "
+                                   "name is also a metric. zeroshot and probe read classes from DATA/CLASS/FILE; "
+                                   "retrieval reads captions from DATA/captions.json {file: caption} or STEM.txt "
+                                   "beside each file.")
     p.add_argument("--ckpt", required=True)
     p.add_argument("--data", required=True,
                    help="folder (fsspec path or URI) of images, videos, or 3D assets (posed-views folders with "
                         "transforms.json, mesh files); sklearn://digits[?size=32&per_class=N] is scikit-learn's "
                         "1797 labelled 8x8 digits as DATA/CLASS images (no download)")
     p.add_argument("--out", required=True, help="folder for eval.json, report.md and the figures")
-    p.add_argument("--modality", default="image", choices=["image", "video", "3d"], help="what --data holds (default: image)")
+    p.add_argument("--modality", choices=modalities,
+                   help="what --data holds (default: the checkpoint's modality, when it was trained on one)")
     p.add_argument("--metrics", default="psnr,ssim,lpips", help="comma-separated (see above; default: psnr,ssim,lpips)")
     p.add_argument("--max-side", type=int, default=512, help="downscale images and frames so the longer side is at most this")
     p.add_argument("--max-frames", type=int, default=16, help="video: frames read from the start of each clip (default 16)")
-    p.add_argument("--lpips-weights", default="auto", help="VGG16 weights for LPIPS (default: converted cache)")
+    p.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE",
+                   help="a setting of a loss-backed metric, e.g. lpips.vgg16_weights=PATH (repeatable)")
     p.add_argument("--inception-weights", help="safetensors of torchvision's inception_v3 state dict (for rfid)")
     p.add_argument("--i3d-weights", help="TorchScript video network for rfvd, called like StyleGAN-V's "
                                          "i3d_torchscript.pt (local path or fsspec URI; nothing is downloaded)")
@@ -301,22 +344,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-views", type=int,
                    help="3d: views each asset is scored on (posed views: its last N; meshes: a ring of N new cameras); "
                         "default: the recipe's eval_views")
+    p.add_argument("--grid-images", type=int, default=4,
+                   help="samples shown in grid.png and saved under samples/ (default 4)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    modalities = sorted(_registries()["modality"])
-    p = sub.add_parser("encode", help="an image or video file -> tokens (.safetensors)",
+    p = sub.add_parser("encode", help="a file of any registered modality -> tokens (.safetensors); "
+                                      "a dataset -> latent shards",
                        description="Deterministic: continuous checkpoints store the posterior mean (and log-variance), "
-                                   "discrete ones the integer codes and their latent values.")
+                                   "discrete ones the integer codes and their latent values. Given a folder, .tar "
+                                   "shards or a brace pattern of them, extracts every sample into the folder -o OUT: "
+                                   "OUT/part-RRRRR-SSSSS.safetensors (coords, mean, codes for FSQ, offsets), "
+                                   "OUT/stats.json (per-channel mean and std) and OUT/index.json; the same command "
+                                   "run again continues an interrupted extraction.")
     p.add_argument("--ckpt", required=True, help="any atoken checkpoint (a run's or atoken import-official's)")
-    p.add_argument("input", help="the file (local path or fsspec URI)")
-    p.add_argument("-o", "--output", required=True, help="the tokens file (.safetensors)")
+    p.add_argument("input", nargs="+",
+                   help="the file (local path or fsspec URI); or a dataset: a folder, .tar shards, or a brace "
+                        "pattern such as 'shards/{000..009}.tar'")
+    p.add_argument("-o", "--output", required=True,
+                   help="the tokens file (.safetensors); for a dataset, the output folder")
     p.add_argument("--modality", choices=modalities,
-                   help="what the file holds (default: the checkpoint's modality that reads its suffix)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+                   help="what the file holds (default: the checkpoint's modality that reads its suffix; for a "
+                        "dataset, the checkpoint's only modality)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available; under torchrun each "
+                                    "process uses its own GPU)")
+    p.add_argument("--shard-samples", type=int, default=1000, help="dataset: samples per output shard (default 1000)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="dataset: processes on this machine (through torchrun; one per GPU, or CPU processes)")
+    p.add_argument("--workers", type=int, default=4,
+                   help="dataset: threads per process reading and decoding samples ahead (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="dataset: no progress bar")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("decode", help="tokens (.safetensors) -> an image (.png/.jpg) or video (.mp4) file")
+    p = sub.add_parser("decode", help="tokens (.safetensors) -> a file in the modality's format (image .png/.jpg, video .mp4, ...)")
     p.add_argument("--ckpt", required=True)
     p.add_argument("tokens")
     p.add_argument("-o", "--output", required=True)
@@ -360,7 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("atoken: interrupted (the last checkpoint on disk is complete; continue with --resume)", file=sys.stderr)
+        hint = {"run": "the last checkpoint on disk is complete; continue with --resume",
+                "encode": "every shard on disk is complete; the same command continues"}.get(args.command, "")
+        print(f"atoken: interrupted{f' ({hint})' if hint else ''}", file=sys.stderr)
         return 130
     except Exception as err:
         if isinstance(err, _user_errors()):

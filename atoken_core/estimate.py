@@ -14,8 +14,14 @@ from typing import Any
 import torch
 
 from atoken_core.build import build_component, build_model, build_modality
+from atoken_core.errors import UserError
+from atoken_core.interfaces import SampleShape
 from atoken_core.recipe import Recipe
 from atoken_core.registry import Registries
+
+
+class EstimateError(UserError, ValueError):
+    pass
 
 
 def forward_flops(flavor: Any, latent_dim: int, frame_dim: int, lengths: list[int], frames: int = 1) -> int:
@@ -44,11 +50,18 @@ def dry_run(recipe: Recipe, registries: Registries) -> dict[str, Any]:
     stages = []
     for plan in curriculum.stages(recipe):
         lengths: list[int] = []
+        fwd = 0
         for name in plan.modalities:
             modality = build_modality(recipe, registries, name)
-            shape = recipe.data[name].config.train_sample_shape()
-            lengths += [modality.num_tokens(shape, model.spec)] * plan.batch_size
-        fwd = forward_flops(flavor, plan.latent_dim, model.spec.frame_dim, lengths)
+            config = recipe.data[name].config
+            if not isinstance(config, SampleShape):
+                raise EstimateError(f"[data.{name}] (kind {recipe.data[name].kind!r}): its config has no "
+                                    "train_sample_shape(), which --dry-run needs to count tokens without data "
+                                    "(atoken_core.interfaces.SampleShape)")
+            these = [modality.num_tokens(config.train_sample_shape(), model.spec)] * plan.batch_size
+            frame_dim = model.patch_embed_of(name).spec.frame_dim  # its own stem's, for other channel counts
+            fwd += forward_flops(flavor, plan.latent_dim, frame_dim, these)
+            lengths += these
         act = activation_elements_per_token(flavor) * sum(lengths)
         stages.append({
             "stage": plan.name, "steps": plan.steps, "modalities": list(plan.modalities),

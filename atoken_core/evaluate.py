@@ -7,6 +7,7 @@ import io
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import attrs
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -14,8 +15,9 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from atoken_core.interfaces import Modality, PatchSpec
 from atoken_core.io import atomic_write_bytes
+from atoken_core.sparse import Sparse4D
 
-SSIM_SETTINGS = "skimage.metrics.structural_similarity, 7x7 uniform window, data_range=1, on RGB in [0, 1]"
+SSIM_SETTINGS = "skimage.metrics.structural_similarity, 7x7 uniform window, data_range=1, on the channels mapped to [0, 1]"
 
 
 def to_unit_hwc(x_chw: torch.Tensor) -> np.ndarray:
@@ -79,11 +81,12 @@ def _fit_height(img: Image.Image, height: int) -> Image.Image:
 
 
 def save_grid(rows: list[list[tuple[str, torch.Tensor]]], path: str, height: int = 256) -> None:
-    """One row per held-out image; each cell a labelled image (original, reconstructions)."""
-    from atoken_modalities.image_impl import tensor_to_image
+    """One row per held-out sample; each cell a labelled RGB picture (3, H, W) in [-1, 1]
+    (a modality's :meth:`~atoken_core.interfaces.Modality.preview`)."""
+    from atoken_core.imaging import to_pil
 
     label_h, pad = 18, 4
-    rendered = [[(label, _fit_height(tensor_to_image(x), height)) for label, x in row] for row in rows]
+    rendered = [[(label, _fit_height(to_pil(x), height)) for label, x in row] for row in rows]
     width = max(sum(img.width + pad for _, img in row) + pad for row in rendered)
     canvas = Image.new("RGB", (width, len(rendered) * (height + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
@@ -100,26 +103,57 @@ def save_grid(rows: list[list[tuple[str, torch.Tensor]]], path: str, height: int
     atomic_write_bytes(path, buf.getvalue())
 
 
+def preview_rows(modality: Modality, cells: list[tuple[str, torch.Tensor]], unit: str = "frame"
+                 ) -> list[list[tuple[str, torch.Tensor]]]:
+    """Grid rows for one sample's cells (label, target or reconstruction): one row of previews, or
+    for several frames / views one row for the first and one for the last."""
+    shown = [(label, modality.preview(x)) for label, x in cells]
+    if shown[0][1].ndim == 3:
+        return [shown]
+    last = shown[0][1].shape[0] - 1
+    return [[(f"{label} {unit} {t}", v[t]) for label, v in shown] for t in sorted({0, last})]
+
+
+@attrs.frozen
+class Reconstruction:
+    """A held-out sample's decoded form: what :meth:`Modality.unpatchify` returns (clamped to
+    [-1, 1]), and the decoded tokens with their meta for the modality's own file formats."""
+
+    sample: torch.Tensor
+    tokens: Sparse4D
+    meta: list[dict[str, Any]]
+
+
 @torch.no_grad()
-def reconstruct_images(model: Any, modality: Modality, images: Sequence[Any]) -> list[torch.Tensor]:
-    """Encode and decode each sample at its native size with the posterior mode / quantised
-    latent; through the modality's own decoder head when the model has one (3D)."""
+def reconstruct(model: Any, modality: Modality, samples: Iterable[Any]) -> list[Reconstruction]:
+    """The one encode-decode path of evaluation, grids and saved reconstructions: each sample at
+    its native size, with the posterior mode / quantised latent, through the modality's own
+    stem and head where the model has them; the model is left in the mode it was in."""
     was_training = model.training
     model.eval()
     head = modality_head(model, modality)
     device = next(model.parameters()).device
     out = []
-    for x in images:
-        tokens = modality.patchify([x], model.spec)
-        recon, _ = model(tokens.patches.to(device), sample=False, head=head)
-        recon = recon.float().cpu()
-        out.append(modality.unpatchify(tokens.patches.with_features(recon), tokens.meta, model.spec)[0].clamp(-1, 1))
-    model.train(was_training)
+    try:
+        for x in samples:
+            tokens = modality.patchify([x], model.spec)
+            recon, _ = model(tokens.patches.to(device), sample=False, head=head)
+            decoded = tokens.patches.with_features(recon.float().cpu())
+            sample = modality.unpatchify(decoded, tokens.meta, model.spec)[0].clamp(-1, 1)
+            out.append(Reconstruction(sample, decoded, tokens.meta))
+    finally:
+        model.train(was_training)
     return out
 
 
+def reconstruct_images(model: Any, modality: Modality, images: Iterable[Any]) -> list[torch.Tensor]:
+    """:func:`reconstruct`, the decoded samples only."""
+    return [r.sample for r in reconstruct(model, modality, images)]
+
+
 def modality_head(model: Any, modality: Modality) -> str | None:
-    """The name of the model's output head for ``modality``, None for the shared pixel head."""
+    """The name of the model's output head (and input stem) for ``modality``, None for the shared
+    pixel head."""
     return modality.name if modality.name in model.heads else None
 
 

@@ -27,8 +27,11 @@ if TYPE_CHECKING:
 def atoken_modalities() -> list[Component]:
     """Return the modalities this plugin provides.
 
-    A modality's factory builds an :class:`atoken_core.interfaces.Modality` from its
-    config; it turns samples into sparse 4D tokens and back.
+    The factory is called as ``factory(config)`` with the recipe's ``[modality.NAME]`` table
+    structured into the component's config class (its defaults when the recipe has none), and
+    returns an :class:`atoken_core.interfaces.Modality` whose ``name`` is the component's. The
+    modality turns samples into sparse 4D tokens and back, and declares everything else the core
+    does with its samples (files, channels, previews, evaluation data and metrics).
     """
 
 
@@ -63,8 +66,11 @@ def atoken_curricula() -> list[Component]:
 def atoken_datasets() -> list[Component]:
     """Return the data sources this plugin provides.
 
-    The factory is called as ``factory(config, modality=...)`` and returns an
-    :class:`atoken_core.interfaces.DataSource` of training and evaluation samples.
+    The factory is called as ``factory(config)`` with the recipe's ``[data.NAME]`` table (minus
+    ``kind``) structured into the component's config class, and returns an
+    :class:`atoken_core.interfaces.DataSource` of training and evaluation samples for the
+    modality ``NAME``. Its config declares ``train_sample_shape()``
+    (:class:`atoken_core.interfaces.SampleShape`) so ``--dry-run`` can count tokens.
     """
 
 
@@ -85,6 +91,6 @@ def atoken_add_commands(subparsers: argparse._SubParsersAction) -> None:
     taking the parsed arguments and returning the exit status. Every implementation is called.
 
     Building the parser must stay cheap (no torch); the work happens in ``func``. An error a
-    user can fix is raised as a subclass of :class:`atoken_core.checkpoint.CheckpointError`
-    (or another error the CLI reports in one line) and printed without a traceback.
+    user can fix is raised as a subclass of :class:`atoken_core.errors.UserError` and printed
+    as one line without a traceback.
     """

@@ -24,3 +24,24 @@ def resize_within(x: torch.Tensor, *, max_side: int | None = None, min_side: int
     batch = x if x.ndim == 4 else x[None]
     out = F.interpolate(batch, size=size, mode=mode, align_corners=False, antialias=True).clamp(-1, 1)
     return out if x.ndim == 4 else out[0]
+
+
+def to_pil(x_3hw: torch.Tensor):
+    """An RGB tensor (3, H, W) in [-1, 1] as an 8-bit PIL image."""
+    from PIL import Image
+
+    if x_3hw.ndim != 3 or x_3hw.shape[0] != 3:
+        raise ValueError(f"expected an RGB tensor (3, H, W), got shape {tuple(x_3hw.shape)}")
+    arr = ((x_3hw.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+    return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
+
+
+def save_png(x_3hw: torch.Tensor, url: str) -> None:
+    """Write an RGB tensor (3, H, W) in [-1, 1] as a PNG at an fsspec URL, atomically."""
+    import io
+
+    from atoken_core.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    to_pil(x_3hw).save(buf, format="PNG")
+    atomic_write_bytes(url, buf.getvalue())

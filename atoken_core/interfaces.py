@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import torch
 from torch import nn
 
+from atoken_core.errors import UserError
 from atoken_core.sparse import Sparse4D
+
+
+class ModalityError(UserError, ValueError):
+    """A sample or request a modality cannot serve, naming the modality and the rule."""
 
 
 @attrs.frozen
@@ -40,19 +45,132 @@ class Tokens:
     meta: list[dict[str, Any]]
 
 
+@attrs.frozen(kw_only=True)
+class EvalRequest:
+    """What ``atoken eval`` asks of :meth:`Modality.load_eval`: the checkpoint's recipe (so samples
+    are prepared as in training) and the user's size limits; a modality reads what applies."""
+
+    recipe: Any = None
+    max_side: int = 512  # longer side of images / frames / views, at most
+    max_frames: int = 16  # frames read from the start of a clip
+    heldout_views: int | None = None  # views a multi-view sample is scored on (None: the recipe's)
+
+
+@attrs.frozen
+class EvalData:
+    samples: list[tuple[str, Any]]  # (name relative to the data root, sample), sorted by name
+    skipped: list[str] = attrs.field(factory=list)  # one message per unreadable file
+    settings: dict[str, Any] = attrs.field(factory=dict)  # how they were read, for the report
+
+
 class Modality(abc.ABC):
-    """One kind of visual input living in its own subspace of the shared 4D space."""
+    """One kind of visual input living in its own subspace of the shared 4D space.
+
+    Beyond patchify/unpatchify, a modality declares everything the core does with its samples
+    (reading and writing files, previews for figures, evaluation data and metrics, the user-facing
+    value range), so the core never branches on a modality's name."""
 
     name: str
     #: axes whose coordinate may be non-zero, e.g. ("x", "y") for images
     subspace: tuple[str, ...]
     #: file suffixes (lower case, with the dot) :meth:`read` understands
     suffixes: tuple[str, ...] = ()
+    #: values per pixel of a sample. The shared patch embedding and pixel head take
+    #: ``PatchSpec.channels`` (RGB); a modality with another count gets its own input
+    #: embedding and output head of ``t * p * p * channels`` on the shared transformer.
+    channels: int = 3
+    #: what reports call several samples ("images", "clips", "assets")
+    noun: str = "samples"
+    #: metrics ``atoken eval`` computes for this modality: built-ins (psnr, ssim, rfid, rfvd,
+    #: codebook, zeroshot, retrieval, probe) and any registered loss name (its mean term)
+    eval_metrics: tuple[str, ...] = ("psnr", "ssim")
+    #: zero-shot prompt template with ``{}`` for the class name; None: ``--prompt`` is required
+    prompt_template: str | None = None
 
     def read(self, path: str) -> Any:
         """One file (any fsspec path) as a sample, in the form :meth:`patchify` takes (pixel
-        modalities: values in [-1, 1])."""
-        raise NotImplementedError(f"modality {self.name!r} does not read files")
+        modalities: values in [-1, 1]). The default reads the bytes and calls :meth:`read_bytes`."""
+        from atoken_core.io import read_input
+
+        return self.read_bytes(read_input(path, ModalityError), path)
+
+    def read_bytes(self, data: bytes, name: str) -> Any:
+        """A file's bytes (a folder's file, a tar shard's member) as a sample; ``name`` ends in the
+        file's suffix and names it in errors."""
+        raise ModalityError(f"modality {self.name!r} does not read files")
+
+    def load_eval(self, data: str, request: EvalRequest) -> EvalData:
+        """The held-out set ``atoken eval`` scores: by default every file under the folder ``data``
+        with one of :attr:`suffixes`, read with :meth:`read` (unreadable files, those raising a
+        :class:`~atoken_core.errors.UserError`, are skipped with their message)."""
+        from atoken_core.errors import UserError
+        from atoken_core.io import files_under
+
+        samples, skipped = [], []
+        for rel, url in files_under(data, self.suffixes):
+            try:
+                samples.append((rel, self.read(url)))
+            except UserError as err:
+                skipped.append(str(err))
+        if not samples:
+            raise ModalityError(f"{data}: no readable {self.noun} for modality {self.name!r} (files ending in "
+                                f"{', '.join(self.suffixes) or '(none declared)'}; {len(skipped)} unreadable)")
+        return EvalData(samples, skipped)
+
+    def preview(self, x: torch.Tensor) -> torch.Tensor:
+        """What figures show of a target or reconstruction (what :meth:`targets` / :meth:`unpatchify`
+        return): RGB in [-1, 1], (3, H, W) or (N, 3, H, W) for several frames or views. The default
+        takes tensors whose channel axis (dim -3) holds 3 values as they are and shows 1 value as
+        grey; other counts need their own preview."""
+        channels = x.shape[-3] if x.ndim >= 3 else 0
+        if channels == 3:
+            return x
+        if channels == 1:
+            return x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+        raise ModalityError(f"modality {self.name!r}: no preview for samples of shape {tuple(x.shape)} "
+                            "(define Modality.preview to show them as RGB)")
+
+    def figure(self, target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """One picture of a held-out sample for reports, (3, H, W) in [-1, 1]: by default the
+        preview of the target above that of the reconstruction, frames or views side by side."""
+        rows = []
+        for x in (target, recon):
+            p = self.preview(x)
+            rows.append(p if p.ndim == 3 else torch.cat(list(p), dim=-1))
+        return torch.cat(rows, dim=-2)
+
+    def to_user(self, y: Any) -> Any:
+        """A decoded sample as the Python API returns it. Pixel modalities: [-1, 1] -> [0, 1]."""
+        return (y.clamp(-1, 1) + 1) / 2 if torch.is_tensor(y) else y
+
+    def from_user(self, x: Any) -> Any:
+        """A sample a Python API user passes (the inverse of :meth:`to_user`): pixels in [0, 1]."""
+        if not torch.is_tensor(x):
+            return x
+        if not x.is_floating_point():
+            hint = " (divide by 255 first)" if x.dtype == torch.uint8 else ""
+            raise ModalityError(f"modality {self.name!r}: expected float values in [0, 1], got {x.dtype}{hint}")
+        return x.float() * 2 - 1
+
+    def downscale(self, x: Any, max_side: int) -> Any:
+        """``x`` shrunk so its longer side is at most ``max_side`` (held-out samples during
+        training). The default resizes tensors (..., H, W) with antialiasing and leaves other
+        samples alone; a modality whose values depend on the scale (optical flow) overrides it."""
+        from atoken_core.imaging import resize_within
+
+        return resize_within(x, max_side=max_side) if torch.is_tensor(x) else x
+
+    def example(self, spec: PatchSpec, generator: torch.Generator) -> Any | None:
+        """A small random sample (a few tokens), for ``atoken validate``'s check that this modality
+        runs through the recipe's model, and for tests over every registered modality; None when
+        the modality cannot make one (then the check is skipped and says so)."""
+        return None
+
+    def has_pca_baseline(self, spec: PatchSpec) -> bool:
+        """Whether the PCA of patch features (the best linear tokenizer of the latent's size) is a
+        baseline for this modality: it reconstructs :meth:`targets` only when the patches are the
+        targets' own pixels, i.e. the modality decodes to patch pixels (not 3D's rendered views)."""
+        return self.head_dim(spec) is None
 
     def write(self, sample: Any, url: str) -> list[str]:
         """Write one sample (what :meth:`unpatchify` returns) at an fsspec URL in this modality's
@@ -88,12 +206,6 @@ class Modality(abc.ABC):
         asset as a Gaussian-splat .ply and a turntable), at fsspec URLs starting with ``prefix``;
         return the URLs written. Images need nothing beyond the PNG grids."""
         return []
-
-    def default_losses(self) -> list[str]:
-        return ["l1"]
-
-    def default_metrics(self) -> list[str]:
-        return ["psnr"]
 
 
 @attrs.frozen
@@ -193,6 +305,25 @@ class Curriculum(abc.ABC):
     @abc.abstractmethod
     def modality_schedule(self, stage: StagePlan, step: int) -> list[str]:
         """Modalities whose gradients are accumulated into optimiser step ``step``."""
+
+
+@runtime_checkable
+class SampleShape(Protocol):
+    """What a data source's config declares so ``--dry-run`` can count tokens without data."""
+
+    def train_sample_shape(self) -> tuple[int, ...]:
+        """The shape of one training sample as the source yields it (what
+        :meth:`Modality.num_tokens` takes)."""
+
+
+@runtime_checkable
+class Discrete(Protocol):
+    """What a discrete bottleneck offers beyond :class:`Bottleneck` (codebook metrics read it)."""
+
+    codebook_size: int
+
+    def latent_to_codes(self, latent: torch.Tensor) -> torch.Tensor:
+        """Quantised latent values (L, latent_dim) -> their integer codes (L, groups)."""
 
 
 class DataSource(abc.ABC):

@@ -81,3 +81,15 @@ def read_safetensors(path: str) -> tuple[dict, dict[str, str]]:
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
     return tensors, header.get("__metadata__") or {}
+
+
+def files_under(root: str, suffixes: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """(path relative to ``root``, fsspec URL) of every file under the folder ``root`` whose name
+    ends in one of ``suffixes`` (any case), sorted. A missing folder is FileNotFoundError."""
+    fs, base = fsspec.core.url_to_fs(root)
+    if not fs.isdir(base):
+        raise FileNotFoundError(f"{root}: folder not found")
+    base = base.rstrip("/")
+    ends = tuple(s.lower() for s in suffixes)
+    return [(f[len(base) + 1 :] if f.startswith(base + "/") else f.rsplit("/", 1)[-1], url_of(fs, f))
+            for f in sorted(fs.find(base)) if ends and f.lower().endswith(ends)]

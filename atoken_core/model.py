@@ -221,7 +221,12 @@ class PatchEmbed(nn.Module):
             self.weight[:, 1:].zero_()
 
     def forward(self, patches_lf: torch.Tensor) -> torch.Tensor:
-        frames = patches_lf.shape[1] // self.spec.frame_dim
+        frames, rest = divmod(patches_lf.shape[1], self.spec.frame_dim)
+        if rest or not 1 <= frames <= self.spec.temporal_patch:
+            s = self.spec
+            raise ValueError(f"patch features of width {patches_lf.shape[1]} are not 1..{s.temporal_patch} frames of "
+                             f"{s.patch_size}x{s.patch_size} pixels with {s.channels} channels ({s.frame_dim} values "
+                             "each), which this patch embedding takes")
         w = self.weight[:, :frames].flatten(1)
         return F.linear(patches_lf, w, self.bias)
 
@@ -314,6 +319,9 @@ class AToken(nn.Module):
         # Output heads of modalities that do not decode to patch pixels (3D: Gaussian
         # parameters), by modality name; see :meth:`add_head`.
         self.heads = nn.ModuleDict()
+        # Input embeddings of modalities whose pixels have another channel count than
+        # ``spec.channels``, by modality name; see :meth:`add_stem`.
+        self.stems = nn.ModuleDict()
         self.shortcut_in = PatchEmbed(self.spec, bottleneck.latent_dim) if shortcut else None
         self.shortcut_out = nn.Linear(bottleneck.latent_dim, flavor.temporal_patch * self.spec.frame_dim) if shortcut else None
         for name, child in self.named_children():
@@ -359,9 +367,10 @@ class AToken(nn.Module):
         chunk = self.flavor.temporal_chunk
         return tokens if chunk is None else tokens.chunk_time(chunk)
 
-    def embed(self, patches: Sparse4D) -> torch.Tensor:
-        """Patch embedding plus learned positions, of tokens as :meth:`attention_view` packs them."""
-        x_ld = self.patch_embed(patches.features)
+    def embed(self, patches: Sparse4D, stem: str | None = None) -> torch.Tensor:
+        """Patch embedding (the modality ``stem``'s own, where it has one) plus learned positions,
+        of tokens as :meth:`attention_view` packs them."""
+        x_ld = self.patch_embed_of(stem)(patches.features)
         if self.pos_embed is not None:
             x_ld = x_ld + self.position_embeddings(patches)
         return x_ld
@@ -372,11 +381,15 @@ class AToken(nn.Module):
             x_ld = x_ld + self.grid_embeddings(self.decoder_pos_embed, latent)
         return x_ld
 
-    def encode(self, patches: Sparse4D) -> torch.Tensor:
-        """Patch pixels (L, frames*p*p*C) -> encoder features (L, width)."""
+    def patch_embed_of(self, stem: str | None) -> PatchEmbed:
+        return self.stems[stem] if stem is not None and stem in self.stems else self.patch_embed
+
+    def encode(self, patches: Sparse4D, stem: str | None = None) -> torch.Tensor:
+        """Patch pixels (L, frames*p*p*C) -> encoder features (L, width). ``stem``: the modality
+        whose own input embedding to use (ignored when it has none)."""
         view = self.attention_view(patches)
         angles = self.rope.angles(view.coords)
-        x_ld = self.embed(view)
+        x_ld = self.embed(view, stem)
         groups = AttentionGroups.of(view)
         for block in self.encoder:
             x_ld = self._run_block(block, x_ld, groups, angles)
@@ -458,6 +471,17 @@ class AToken(nn.Module):
         pooled = self.pool(features, tokens)
         return pooled if self.semantic_proj is None else self.semantic_proj(pooled)
 
+    def add_stem(self, name: str, channels: int) -> None:
+        """Give modality ``name`` its own patch embedding for ``channels``-channel pixels (the
+        transformer, bottleneck and positions stay shared)."""
+        if name in self.stems:
+            if self.stems[name].spec.channels != channels:
+                raise ValueError(f"stem {name!r} exists for {self.stems[name].spec.channels} channels, not {channels}")
+            return
+        spec = PatchSpec(self.spec.patch_size, self.spec.temporal_patch, channels)
+        self.stems[name] = PatchEmbed(spec, self.flavor.width).to(self.patch_embed.weight.device,
+                                                                  self.patch_embed.weight.dtype)
+
     def add_head(self, name: str, out_dim: int) -> None:
         """Give modality ``name`` its own linear output head on the shared decoder."""
         if name in self.heads:
@@ -488,12 +512,16 @@ class AToken(nn.Module):
             out = out + self.shortcut_out(latent_ld)
         return out[:, : frames * self.spec.frame_dim]
 
-    def latent_offset(self, patches: Sparse4D) -> torch.Tensor | None:
-        return None if self.shortcut_in is None else self.shortcut_in(patches.features)
+    def latent_offset(self, patches: Sparse4D, stem: str | None = None) -> torch.Tensor | None:
+        """The linear shortcut's share of the latent (RGB patches only: a modality with its own
+        stem has none)."""
+        if self.shortcut_in is None or (stem is not None and stem in self.stems):
+            return None
+        return self.shortcut_in(patches.features)
 
-    def encode_latent(self, patches: Sparse4D) -> torch.Tensor:
+    def encode_latent(self, patches: Sparse4D, stem: str | None = None) -> torch.Tensor:
         """Patch pixels -> the deterministic latent (posterior mean or quantised values)."""
-        return self.bottleneck.encode_project(self.encode(patches), self.latent_offset(patches))
+        return self.bottleneck.encode_project(self.encode(patches, stem), self.latent_offset(patches, stem))
 
     def forward(self, patches: Sparse4D, *, sample: bool = True, head: str | None = None
                 ) -> tuple[torch.Tensor, BottleneckOutput]:
@@ -503,10 +531,11 @@ class AToken(nn.Module):
     def forward_all(self, patches: Sparse4D, *, sample: bool = True, head: str | None = None,
                     semantic: bool = False) -> ForwardOutput:
         """One encoding, both projections: the reconstruction (through W_r, the bottleneck and the
-        decoder) and, when ``semantic``, the W_s embedding per sample (B, text_dim)."""
-        frames = patches.features.shape[1] // self.spec.frame_dim
-        features = self.encode(patches)
-        bott = self.bottleneck(features, sample=sample, offset=self.latent_offset(patches))
+        decoder) and, when ``semantic``, the W_s embedding per sample (B, text_dim). ``head`` names
+        the modality's own output head and, where it has one, its input stem."""
+        frames = patches.features.shape[1] // self.patch_embed_of(head).spec.frame_dim
+        features = self.encode(patches, head)
+        bott = self.bottleneck(features, sample=sample, offset=self.latent_offset(patches, head))
         recon = self.decode(patches.with_features(bott.latent), frames, head)
         sem = self.semantic_embedding(features, patches) if semantic else None
         return ForwardOutput(recon, bott, sem)
@@ -580,7 +609,7 @@ class AToken(nn.Module):
             return sum(p.numel() for m in mods for p in m.parameters())
 
         counts = {
-            "encoder": count([self.patch_embed, self.encoder, self.encoder_norm])
+            "encoder": count([self.patch_embed, self.stems, self.encoder, self.encoder_norm])
             + (self.pos_embed.numel() if self.pos_embed is not None else 0),
             "bottleneck": count([self.bottleneck]),
             "decoder": count([self.decoder_in, self.decoder, self.decoder_norm, self.pixel_head, self.heads])

@@ -1,9 +1,10 @@
 """The one factory that builds atoken's plugin manager (pytest's pattern).
 
-Built-in plugins are registered from :data:`DEFAULT_PLUGINS`; then every distribution's
-entry points in the group ``atoken`` are loaded, unless ``ATOKEN_DISABLE_PLUGIN_AUTOLOAD``
-is set. ``ATOKEN_PLUGINS=mod1,mod2`` registers extra plugin modules by import name (handy
-for a plugin under development that is not installed).
+Every plugin, atoken's own included, is found through the entry points of the group ``atoken``
+(atoken's are declared in its ``pyproject.toml``, exactly as a third party declares its own).
+``ATOKEN_DISABLE_PLUGIN_AUTOLOAD`` loads only the entry points of atoken's own distribution.
+``ATOKEN_PLUGINS=mod1,mod2`` registers extra plugin modules by import name (handy for a plugin
+under development that is not installed).
 """
 
 from __future__ import annotations
@@ -14,30 +15,13 @@ import os
 
 import pluggy
 
-from atoken_core.errors import UserError
 from atoken_core import PROJECT_NAME, hookspecs
+from atoken_core.errors import UserError
 from atoken_core.registry import Registries
 
 ENTRY_POINT_GROUP = "atoken"
 DISABLE_AUTOLOAD_ENV = "ATOKEN_DISABLE_PLUGIN_AUTOLOAD"
 EXTRA_PLUGINS_ENV = "ATOKEN_PLUGINS"
-
-# Plugin name -> module. The same pairs are declared as entry points in pyproject.toml, so
-# first-party plugins are found exactly as a third party's are; listing them here keeps
-# them available when autoloading is disabled. A test keeps the two lists in step.
-DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
-    ("image", "atoken_modalities.image"),
-    ("video", "atoken_modalities.video"),
-    ("photos", "atoken_modalities.photos"),
-    ("clips", "atoken_modalities.clips"),
-    ("objects", "atoken_modalities.objects"),
-    ("shards", "atoken_modalities.shards"),
-    ("bottlenecks", "atoken_bottlenecks"),
-    ("teachers", "atoken_teachers"),
-    ("losses", "atoken_losses"),
-    ("curricula", "atoken_core.curricula"),
-    ("official", "atoken_official"),
-)
 
 
 class PluginLoadError(UserError):
@@ -47,8 +31,11 @@ class PluginLoadError(UserError):
 def get_plugin_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
-    for name, module_name in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(module_name), name=name)
+    origins = _load_entry_points(pm, own_only=bool(os.environ.get(DISABLE_AUTOLOAD_ENV)))
+    if not pm.get_plugins():
+        raise PluginLoadError(f"no atoken plugins are installed (the {ENTRY_POINT_GROUP!r} entry points of the "
+                              f"{PROJECT_NAME!r} distribution are missing): install atoken with pip, e.g. "
+                              "`pip install -e .` in a checkout")
     for module_name in filter(None, os.environ.get(EXTRA_PLUGINS_ENV, "").split(",")):
         module_name = module_name.strip()
         try:
@@ -58,7 +45,6 @@ def get_plugin_manager() -> pluggy.PluginManager:
                                   f"{type(err).__name__}: {err}") from err
         if not pm.is_registered(module):
             pm.register(module, name=module_name)
-    origins = _load_entry_points(pm) if not os.environ.get(DISABLE_AUTOLOAD_ENV) else {}
     try:
         pm.check_pending()  # hook implementations whose name no hookspec has
     except pluggy.PluginValidationError as err:
@@ -71,15 +57,24 @@ def get_plugin_manager() -> pluggy.PluginManager:
 _AUTOLOAD_HINT = f"; fix or uninstall it, or set {DISABLE_AUTOLOAD_ENV}=1 to load only atoken's own plugins"
 
 
-def _load_entry_points(pm: pluggy.PluginManager) -> dict[str, str]:
-    """Every installed distribution's ``atoken`` entry points (names already registered, the
-    built-ins, are skipped), as pluggy's ``load_setuptools_entrypoints`` does, except that a
-    plugin that fails to import or to register is one error naming it and its distribution.
-    Returns each loaded plugin's description, by name."""
+def _load_entry_points(pm: pluggy.PluginManager, own_only: bool = False) -> dict[str, str]:
+    """Every installed distribution's ``atoken`` entry points (atoken's own first; only those with
+    ``own_only``), as pluggy's ``load_setuptools_entrypoints`` does, except that a plugin that
+    fails to import or to register is one error naming it and its distribution. Returns each
+    loaded third-party plugin's description, by name."""
     import importlib.metadata
 
+    def own(dist: importlib.metadata.Distribution) -> bool:
+        return (dist.metadata["Name"] or "").lower() == PROJECT_NAME
+
     origins = {}
-    for dist in list(importlib.metadata.distributions()):
+    dists = sorted(importlib.metadata.distributions(), key=lambda d: not own(d))
+    seen: set[str] = set()
+    for dist in dists:
+        key = (dist.metadata["Name"] or "").lower()
+        if key in seen or (own_only and not own(dist)):
+            continue  # a distribution found twice on sys.path (an editable install) loads once
+        seen.add(key)
         for ep in dist.entry_points:
             if ep.group != ENTRY_POINT_GROUP or pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
                 continue
@@ -90,7 +85,8 @@ def _load_entry_points(pm: pluggy.PluginManager) -> dict[str, str]:
                 raise PluginLoadError(f"{where} does not fit atoken's hooks: {err}{_AUTOLOAD_HINT}") from err
             except Exception as err:  # anything its import raises
                 raise PluginLoadError(f"{where} failed to import: {type(err).__name__}: {err}{_AUTOLOAD_HINT}") from err
-            origins[ep.name] = where
+            if not own(dist):
+                origins[ep.name] = where
     return origins
 
 

@@ -101,7 +101,8 @@ class OptimConfig:
 class StageConfig:
     name: str = doc("stage name, used in logs and checkpoint names")
     steps: int = doc("optimiser steps in this stage", validator=attrs.validators.ge(1))
-    modalities: list[str] = doc("modalities trained in this stage (round-robin)", factory=lambda: ["image"])
+    modalities: list[str] = doc("modalities trained in this stage (round-robin); default: every [data.NAME] table's",
+                                factory=list)
     batch_size: int = doc("samples per modality per step", default=8, validator=attrs.validators.ge(1))
     weights: dict[str, float] = doc("loss multiplier per modality in this stage's round robin (default 1 each), "
                                     "e.g. {image = 1.0, video = 0.5}", factory=dict)
@@ -297,6 +298,9 @@ def validate(recipe: Recipe, registries: Registries) -> Recipe:
         _check_own_fields(spec, f"loss[{i}]", problems)
         _check_component(spec, "loss", f"loss[{i}]", registries, problems)
     _check_component(recipe.curriculum, "curriculum", "curriculum", registries, problems)
+    for st in recipe.stage:
+        if not st.modalities:
+            st.modalities = sorted(recipe.data)
     used = sorted({m for st in recipe.stage for m in st.modalities})
     for name in sorted(set(recipe.modality) | set(used)):
         if name not in registries["modality"]:

@@ -47,6 +47,8 @@ from atoken_core.evaluate import (
     image_metrics,
     mean_metrics,
     modality_head,
+    preview_rows,
+    reconstruct,
     save_grid,
 )
 from atoken_core.imaging import resize_within
@@ -366,8 +368,8 @@ class Run:
     def pca_baseline(self) -> dict[str, Any]:
         out = {}
         for name in self.data:
-            if modality_head(self.model, self.modalities[name]) is not None:
-                continue  # PCA of patch pixels has nothing to say about rendered 3D views
+            if not self.modalities[name].has_pca_baseline(self.model.spec):
+                continue  # e.g. PCA of patch pixels has nothing to say about rendered 3D views
             pca = self.pca(name)
             samples = self.eval_samples(name)
             recons = [pca.reconstruct(x) for _, x in samples]
@@ -386,16 +388,13 @@ class Run:
             recons = self._last_recons[name]
             rows = []
             modality = self.modalities[name]
-            unit = "frame" if modality_head(self.model, modality) is None else "view"
+            unit = "frame" if modality.has_pca_baseline(self.model.spec) else "view"
             for i, (label, x) in enumerate(samples):
                 x = modality.targets([x], self.model.spec)[0]
                 cells = [(f"{label} original", x), (f"atoken step {step}", recons[i])]
                 if name in self._pca_recons:
                     cells.append((f"PCA-{self.plans[-1].latent_dim}", self._pca_recons[name][i]))
-                if x.ndim == 4:  # a video (or a 3D asset's views): rows for the first and last
-                    rows += [[(f"{lab} {unit} {t}", v[t]) for lab, v in cells] for t in (0, x.shape[0] - 1)]
-                else:
-                    rows.append(cells)
+                rows += preview_rows(modality, cells, unit)
             path = f"{self.out_path}/recon/{name}-step-{step:06d}.png"
             save_grid(rows, self._url(path))
             paths.append(path)
@@ -406,23 +405,19 @@ class Run:
         """Each modality's own formats for the first eval.grid_images held-out samples (videos as
         .mp4, 3D assets as .ply + turntable), under recon/."""
         written = []
-        self.model.eval()
         self._swap_ema()
         try:
             for name, modality in self.modalities.items():
-                head = modality_head(self.model, modality)
-                for label, x in self.eval_samples(name)[: self.recipe.eval.grid_images]:
-                    tokens = modality.patchify([x], self.model.spec)
-                    recon, _ = self.model(tokens.patches.to(self.env.device), sample=False, head=head)
-                    if not self.env.is_main:
-                        continue
+                shown = self.eval_samples(name)[: self.recipe.eval.grid_images]
+                recons = reconstruct(self.model, modality, [x for _, x in shown])  # every rank: a sharded model
+                if not self.env.is_main:
+                    continue
+                for (label, _), r in zip(shown, recons):
                     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.rsplit(".", 1)[0])
-                    written += modality.save_reconstruction(
-                        tokens.patches.with_features(recon.float().cpu()), tokens.meta, self.model.spec,
-                        self._url(f"{self.out_path}/recon/{name}-{stem}"))
+                    written += modality.save_reconstruction(r.tokens, r.meta, self.model.spec,
+                                                            self._url(f"{self.out_path}/recon/{name}-{stem}"))
         finally:
             self._swap_ema()
-            self.model.train()
         return written
 
     def save(self, step: int, plan: StagePlan, extra: dict[str, Any]) -> str:

@@ -194,14 +194,14 @@ def write_digits_folder(folder: str, size: int = 32, per_class: int | None = Non
     and any other tool); returns the number of files written."""
     import fsspec
 
-    from atoken_modalities.image_impl import save_image
+    from atoken_core.imaging import save_png
 
     fs, path = fsspec.core.url_to_fs(folder)
     samples = digits_samples(size, per_class)
     for cls in {n.split("/", 1)[0] for n, _ in samples}:
         fs.makedirs(f"{path.rstrip('/')}/{cls}", exist_ok=True)
     for name, x in samples:
-        save_image(x, f"{folder.rstrip('/')}/{name}")
+        save_png(x, f"{folder.rstrip('/')}/{name}")
     return len(samples)
 
 
@@ -214,13 +214,15 @@ def embed_samples(model: Any, modality: Any, samples: Sequence[Any], batch_size:
     With a semantic head the pooled vector is its attention pool (SigLIP2's MAP head); without
     one it is the mean of the encoder's output tokens and there is no W_s embedding. Samples
     run in packed batches of ``batch_size`` (attention stays within each sample)."""
+    from atoken_core.evaluate import modality_head
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pooled, semantic = [], []
     for start in range(0, len(samples), batch_size):
         tokens = modality.patchify(list(samples[start : start + batch_size]), model.spec).patches.to(device)
-        feats_ld = model.encode(tokens)
+        feats_ld = model.encode(tokens, modality_head(model, modality))
         if model.pool_head is not None:
             pooled_bd = model.pool(feats_ld, tokens)
             semantic.append(model.semantic_proj(pooled_bd).float().cpu())
@@ -246,7 +248,7 @@ def recipe_teacher(recipe: Any) -> tuple[str, dict[str, Any]] | None:
 def load_teacher(spec: str | None, recipe: Any, registries: Any) -> tuple[Any, str, dict[str, Any]]:
     """The text tower for zero-shot and retrieval: ``spec`` (``random``, ``siglip2:PATH``) or, when
     None, the teacher the checkpoint's recipe trained against (with its options)."""
-    from atoken_losses.semantic import build_teacher
+    from atoken_core.teachers import build_teacher
 
     from_recipe = recipe_teacher(recipe)
     if spec is None:

@@ -8,13 +8,13 @@ Registration only; torch code lives in :mod:`atoken_losses.pixel`,
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
 from atoken_core import hookimpl
 from atoken_core.registry import Component
+from atoken_core.teachers import resolve_teacher  # noqa: F401  (re-exported: the losses' teacher specs)
 
 _weights_doc = (
     "VGG16 backbone weights: a safetensors file (fsspec path), or 'auto' = the converted copy in "
@@ -48,28 +48,6 @@ class GramConfig:
     )
     max_side: int | None = attrs.field(default=None, metadata={"doc": "as for lpips"})
     max_samples: int | None = attrs.field(default=None, metadata={"doc": "as for lpips"})
-
-
-def resolve_teacher(spec: str, options: Mapping[str, Any] | None = None, registries: Any = None) -> tuple[Component, Any]:
-    """``"NAME"`` or ``"NAME:PATH"`` plus the teacher's own options -> (its registry component, its
-    structured config). ``PATH`` fills the teacher config's ``path`` field. Torch-free, so recipes
-    validate it without loading anything; :func:`atoken_losses.semantic.build_teacher` builds it."""
-    from atoken_core.config import structure
-
-    if registries is None:
-        from atoken_core.plugin_manager import get_registries
-
-        registries = get_registries()
-    name, sep, path = spec.partition(":")
-    component = registries["teacher"].get(name)
-    params = dict(options or {})
-    if sep:
-        if "path" not in attrs.fields_dict(component.config):
-            raise ValueError(f"teacher {name!r} takes no path, got {spec!r}")
-        if "path" in params:
-            raise ValueError(f"teacher {spec!r}: give the path once, not also as teacher_config.path")
-        params["path"] = path
-    return component, structure(params, component.config, "teacher_config")
 
 
 def _teacher_ok(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

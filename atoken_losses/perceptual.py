@@ -19,11 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atoken_core.errors import UserError
 from atoken_core.imaging import resize_within
 from atoken_core.interfaces import Loss, LossInputs
 from atoken_core.io import cache_dir
 from atoken_losses.vgg16_weights import resolve_vgg16_weights
 
+
+
+class PerceptualError(UserError, ValueError):
+    """Inputs the VGG16-based losses cannot take."""
 
 def lpips_network(vgg16_weights: str) -> nn.Module:
     """An ``lpips.LPIPS(net='vgg')`` with real backbone weights, frozen, in eval mode.
@@ -56,6 +61,10 @@ def vgg_features(inputs: LossInputs, model: nn.Module, max_side: int | None = No
     (network, size, sample count) so LPIPS and Gram with the same settings share one pass."""
     key = f"vgg16:{id(model)}:{max_side}:{max_samples}"
     if key not in inputs.cache:
+        h, w = inputs.target.shape[-2:]
+        if min(h, w) < 32:
+            raise PerceptualError(f"{inputs.modality}: a sample of {h}x{w} pixels is too small for VGG16's five "
+                                  "poolings (LPIPS and Gram need at least 32 on each side)")
 
         def features(x: torch.Tensor) -> list:
             x = resize_within(x[:max_samples], max_side=max_side, mode="bilinear")

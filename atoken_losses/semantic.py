@@ -27,34 +27,16 @@ The teacher follows the inputs' device on first use.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from atoken_core.distributed import gather_rows
 from atoken_core.interfaces import Loss, LossInputs, Teacher
-from atoken_losses import resolve_teacher
-
-_TEACHERS: dict[tuple[str, str, str], Teacher] = {}
-
-
-def build_teacher(spec: str, options: Mapping[str, Any] | None = None, registries: Any = None) -> Teacher:
-    """The frozen teacher ``spec`` names (``"random"``, ``"siglip2:PATH"``), built once per process
-    for each (spec, settings) and shared by every loss that asks for it."""
-    component, config = resolve_teacher(spec, options, registries)
-    key = (str(component.factory), spec, json.dumps(attrs.asdict(config), sort_keys=True, default=str))
-    if key not in _TEACHERS:
-        teacher = component.build(config)
-        if not isinstance(teacher, Teacher):
-            raise TypeError(f"teacher {spec!r} built a {type(teacher).__name__}, not an atoken_core.interfaces.Teacher")
-        _TEACHERS[key] = teacher.freeze()
-    return _TEACHERS[key]
-
+from atoken_core.teachers import build_teacher  # noqa: F401  (re-exported for tests and plugins)
 
 # ----------------------------------------------------------------------------- pure functions
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:

@@ -15,7 +15,8 @@ from einops import rearrange
 from PIL import Image, UnidentifiedImageError
 
 from atoken_core.errors import UserError
-from atoken_core.interfaces import Modality, PatchSpec, Tokens
+from atoken_core.imaging import resize_within
+from atoken_core.interfaces import EvalData, EvalRequest, Modality, PatchSpec, Tokens
 from atoken_core.io import read_input
 from atoken_core.sparse import Sparse4D
 
@@ -93,9 +94,34 @@ class ImageModality(Modality):
     name = "image"
     subspace = ("x", "y")
     suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+    noun = "images"
+    eval_metrics = ("psnr", "ssim", "lpips", "rfid", "codebook", "zeroshot", "retrieval", "probe")
+    prompt_template = "a photo of a {}."
 
     def read(self, path: str) -> torch.Tensor:
         return load_image(path)
+
+    def read_bytes(self, data: bytes, name: str) -> torch.Tensor:
+        return image_from_bytes(data, name)
+
+    def example(self, spec: PatchSpec, generator: torch.Generator) -> torch.Tensor:
+        """(3, H, W) with H, W not multiples of the patch (so padding or cropping is exercised)."""
+        p = spec.patch_size
+        return torch.rand(self.channels, 2 * p + 1, 3 * p - 1, generator=generator) * 2 - 1
+
+    def load_eval(self, data: str, request: EvalRequest) -> EvalData:
+        """Every readable image under the folder ``data``, downscaled to ``request.max_side``;
+        ``sklearn://digits[?size=N&per_class=N]`` is scikit-learn's labelled digits."""
+        from atoken_core.understanding import DIGITS_SOURCE, DIGITS_URI, digits_samples, parse_digits_uri
+
+        settings: dict[str, Any] = {"max_side": request.max_side}
+        if data.startswith(DIGITS_URI):
+            found = EvalData(digits_samples(**parse_digits_uri(data)))
+            settings["data_source"] = DIGITS_SOURCE
+        else:
+            found = super().load_eval(data, request)
+        samples = [(n, resize_within(x, max_side=request.max_side)) for n, x in found.samples]
+        return EvalData(samples, found.skipped, settings)
 
     def write(self, sample: torch.Tensor, url: str) -> list[str]:
         save_image(sample, url)

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from atoken_core.errors import UserError
-from atoken_core.interfaces import Modality, PatchSpec, Tokens
+from atoken_core.imaging import resize_within
+from atoken_core.interfaces import EvalData, EvalRequest, Modality, PatchSpec, Tokens
+from atoken_core.io import files_under
 from atoken_core.sparse import Sparse4D
 from atoken_modalities.image_impl import center_crop, save_image
 
@@ -64,9 +66,40 @@ class VideoModality(Modality):
     name = "video"
     subspace = ("t", "x", "y")
     suffixes = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
+    noun = "clips"
+    eval_metrics = ("psnr", "ssim", "lpips", "rfvd", "codebook", "zeroshot", "retrieval", "probe")
+    prompt_template = "a video of a {}."
 
     def read(self, path: str) -> torch.Tensor:
         return load_video(path)
+
+    def read_bytes(self, data: bytes, name: str) -> torch.Tensor:
+        return video_from_bytes(data, name, os.path.splitext(name)[1])
+
+    def example(self, spec: PatchSpec, generator: torch.Generator) -> torch.Tensor:
+        """(T, 3, H, W) with T one frame more than a temporal patch."""
+        p = spec.patch_size
+        return torch.rand(spec.temporal_patch + 1, self.channels, 2 * p, 2 * p - 1, generator=generator) * 2 - 1
+
+    def load_eval(self, data: str, request: EvalRequest) -> EvalData:
+        """The first ``request.max_frames`` frames of every readable video under ``data``,
+        downscaled to ``request.max_side``."""
+        samples, skipped = [], []
+        for name, url in files_under(data, self.suffixes):
+            try:
+                samples.append((name, resize_within(load_video(url, max_frames=request.max_frames),
+                                                    max_side=request.max_side)))
+            except VideoError as err:
+                skipped.append(str(err))
+        if not samples:
+            raise VideoError(f"{data}: no readable videos ({len(skipped)} unreadable)")
+        return EvalData(samples, skipped, {"max_side": request.max_side, "max_frames": request.max_frames,
+                                           "psnr_ssim_lpips": "per frame, averaged over each clip's frames, then over clips"})
+
+    def figure(self, target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Up to 8 evenly spaced frames side by side: the original above, the reconstruction below."""
+        idx = torch.linspace(0, target.shape[0] - 1, min(target.shape[0], 8)).round().long()
+        return rearrange(torch.cat([target[idx], recon[idx]], dim=2), "t c h w -> c h (t w)")
 
     def write(self, sample: torch.Tensor, url: str) -> list[str]:
         """An H.264 .mp4 (any other suffix is refused: that is the one container written)."""

@@ -145,7 +145,7 @@ def test_eval_errors_are_clear(fsq_checkpoint, folder, tmp_path, capsys, monkeyp
         (["--data", str(folder), "--metrics", "rfid", "--inception-weights", str(tmp_path / "none.safetensors")],
          "Inception-v3 weights not found"),
         (["--data", str(folder), "--max-frames", "0"], "--max-frames must be >= 1, got 0"),
-        (["--data", "sklearn://digits", "--modality", "video"], "digits are images; use --modality image"),
+        (["--data", "sklearn://digits", "--modality", "video"], "trained on image, not on 'video'"),
     ]
     for extra, message in cases:  # main() is the command line's own entry point: one line on stderr, exit 1
         assert main(["eval", "--ckpt", ckpt, "--out", str(tmp_path / "o"), "--no-progress", *extra]) == 1, extra

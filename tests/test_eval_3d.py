@@ -58,11 +58,11 @@ def test_3d_eval_scores_heldout_views_and_writes_assets(assets, ckpt, cache, tmp
     s = report["settings"]["3d"]
     assert s["voxel_resolution"] == 8 and s["render_settings_from"] == "recipe [data.3d] (packaged_meshes)"
     for name in ("box_views", "sphere.ply"):
-        for suffix in (".ply", "-turntable.png", "-views.png"):
-            assert (out / "assets" / f"{name}{suffix}").stat().st_size > 0
+        for suffix in (".ply", "-turntable.png", ".png"):  # splats, turntable, held-out views vs renders
+            assert (out / "samples" / f"{name}{suffix}").stat().st_size > 0
         assert set(report["per_sample"][name]) == {"psnr", "ssim"}
     md = (out / "report.md").read_text()
-    assert "assets/sphere.ply-turntable.png" in md and "| psnr |" in md
+    assert "samples/sphere.ply-turntable.png" in md and "(samples/sphere.ply.ply)" in md and "| psnr |" in md
 
     # Independently: the held-out views of the posed-views folder, the model's decoded Gaussians
     # rendered at those cameras, PSNR per view by scikit-image, averaged.
@@ -83,6 +83,7 @@ def test_3d_eval_scores_heldout_views_and_writes_assets(assets, ckpt, cache, tmp
 
 
 def test_3d_eval_heldout_option_and_errors(assets, ckpt, registries, tmp_path):
+    from atoken_core.errors import UserError
     from atoken_core.eval_run import EvalError, run_eval
 
     report = run_eval(ckpt, str(assets / "box_views"), str(tmp_path / "one"), registries, modality="3d",
@@ -90,11 +91,11 @@ def test_3d_eval_heldout_option_and_errors(assets, ckpt, registries, tmp_path):
     assert list(report["per_sample"]) == ["box_views"] and report["shapes"]["box_views"][0] == 3
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(EvalError, match="no readable 3D assets"):
+    with pytest.raises(UserError, match="no readable 3D assets"):
         run_eval(ckpt, str(empty), str(tmp_path / "o"), registries, modality="3d", metrics=["psnr"], progress=False)
     image_only = make_checkpoint(tmp_path / "image.safetensors", str(ROOT / "recipes" / "tiny.toml"),
                                  ['model.flavor="test"', "model.latent_dim=8"])
-    with pytest.raises(EvalError, match="no 3D output head"):
+    with pytest.raises(EvalError, match="trained on image, not on '3d'"):
         run_eval(image_only, str(assets), str(tmp_path / "o"), registries, modality="3d", metrics=["psnr"], progress=False)
     with pytest.raises(EvalError, match="unknown zeroshot for --modality 3d"):
         run_eval(ckpt, str(assets), str(tmp_path / "o"), registries, modality="3d", metrics=["zeroshot"], progress=False)

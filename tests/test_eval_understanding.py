@@ -17,7 +17,8 @@ from sklearn.preprocessing import StandardScaler
 from test_eval import make_checkpoint
 
 from atoken_core import understanding as u
-from atoken_core.eval_run import EvalError, load_folder, run_eval
+from atoken_core.eval_run import EvalError, run_eval
+from atoken_core.interfaces import EvalRequest
 
 ROOT_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml")
 
@@ -71,9 +72,11 @@ def test_digits_are_real_labelled_data():
         u.parse_digits_uri("sklearn://digits?colour=1")
 
 
-def test_write_digits_folder_round_trips(tmp_path):
+def test_write_digits_folder_round_trips(tmp_path, registries):
     assert u.write_digits_folder(str(tmp_path / "digits"), size=16, per_class=2) == 20
-    loaded, skipped = load_folder(str(tmp_path / "digits"))
+    image = registries["modality"].get("image")
+    found = image.build(image.config()).load_eval(str(tmp_path / "digits"), EvalRequest())
+    loaded, skipped = found.samples, found.skipped
     expected = u.digits_samples(size=16, per_class=2)
     assert not skipped and [n for n, _ in loaded] == [n for n, _ in expected]
     assert max(float((a - b).abs().max()) for (_, a), (_, b) in zip(loaded, expected)) <= 1 / 127.5 + 1e-6

@@ -81,10 +81,11 @@ def test_video_eval_cli_is_reproducible_and_checks_out(clips, ckpt, i3d, cache, 
     for key in ("text_to_video_R@1", "text_to_video_R@5", "video_to_text_R@1", "video_to_text_R@5"):
         assert 0 <= a["metrics"][key] <= 1
     assert a["metrics"]["text_to_video_R@5"] == 1.0  # 3 candidates: always within the top 5
-    for name in ("bikes.mp4", "bunny.mp4", "carphone.mp4"):
-        assert (tmp_path / "a" / "strips" / f"{name}.png").exists()
+    for name in ("bikes.mp4", "bunny.mp4", "carphone.mp4"):  # frames (original above reconstruction), the clip
+        assert (tmp_path / "a" / "samples" / f"{name}.png").exists()
+        assert (tmp_path / "a" / "samples" / f"{name}.mp4").exists()
     report = (tmp_path / "a" / "report.md").read_text()
-    assert "strips/bikes.mp4.png" in report and "| rfvd |" in report
+    assert "samples/bikes.mp4.png" in report and "| rfvd |" in report
 
     # The same numbers again from a second run in another process (this one; LPIPS left out to
     # save time): nothing depends on the process, the run or the output folder.

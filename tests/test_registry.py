@@ -11,7 +11,7 @@ import attrs
 import pytest
 
 from atoken_core import hookimpl
-from atoken_core.plugin_manager import DEFAULT_PLUGINS, get_plugin_manager
+from atoken_core.plugin_manager import get_plugin_manager
 from atoken_core.registry import Component, Registries, Registry, RegistryError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +60,19 @@ def test_every_builtin_is_registered_with_its_plugin(registries):
     assert {"packaged_photos", "image_folder"} <= set(registries["dataset"])
 
 
-def test_default_plugins_match_entry_points():
+def test_first_party_plugins_come_from_entry_points_only(monkeypatch):
+    """atoken's own plugins are its distribution's entry points (as a third party's are), and
+    nothing else: the core keeps no list of them."""
+    import importlib.metadata
+
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["atoken"]
-    assert dict(DEFAULT_PLUGINS) == declared
+    installed = {ep.name: ep.value for ep in importlib.metadata.distribution("atoken").entry_points
+                 if ep.group == "atoken"}
+    assert installed == declared, "reinstall atoken (pip install -e .): its entry points changed"
+    monkeypatch.setenv("ATOKEN_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pm = get_plugin_manager()
+    assert {name for name, _ in pm.list_name_plugin()} == set(declared)
+    assert {name: module.__name__ for name, module in pm.list_name_plugin()} == declared
 
 
 def test_builtins_stay_without_autoload(monkeypatch):

@@ -20,7 +20,8 @@ from atoken_core.config import structure
 from atoken_core.train import step_generator
 from atoken_modalities.shards import TarShardsConfig, atoken_datasets
 from atoken_modalities import shards_impl
-from atoken_modalities.shards_impl import ShardError, ShardNotFound, TarShards, expand_braces, read_parts, write_shards
+from atoken_core.tarshards import ShardError, ShardNotFound, expand_braces, read_parts, write_shards
+from atoken_modalities.shards_impl import TarShards
 
 
 def png(value: int, size: tuple[int, int] = (40, 48)) -> bytes:
