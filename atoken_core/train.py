@@ -1,11 +1,13 @@
 """The training engine: stages from the curriculum, round-robin modalities with gradient
-accumulation, AdamW with warm-up + cosine, atomic checkpoints, exact resume, evaluation."""
+accumulation, AdamW with warm-up + cosine, and the loop. Its parts live beside it:
+:mod:`atoken_core.checkpointer` (save, exact resume, export), :mod:`atoken_core.ema`,
+:mod:`atoken_core.runlog` (metrics.jsonl, eval.jsonl, TensorBoard) and
+:mod:`atoken_core.heldout` (evaluation, PCA baseline, grids and saved reconstructions)."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from typing import Any
 
@@ -13,18 +15,10 @@ import fsspec
 import torch
 from tqdm.auto import tqdm
 
-from atoken_core.errors import UserError
 from atoken_core import __version__
 from atoken_core.build import build_bottleneck, build_component, build_model, build_modality
-from atoken_core.checkpoint import (
-    CheckpointError,
-    load_model_state,
-    load_optimizer_state,
-    optimizer_state_from,
-    optimizer_tensors,
-    read_checkpoint,
-    save_checkpoint,
-)
+from atoken_core.checkpoint import CheckpointError, load_model_state, read_checkpoint
+from atoken_core.checkpointer import Checkpointer
 from atoken_core.distributed import (
     DistEnv,
     all_true,
@@ -35,31 +29,17 @@ from atoken_core.distributed import (
     build_sharded,
     full_state_dict,
     init_distributed,
-    load_sharded,
-    local,
     mean_over_ranks,
-    save_sharded,
 )
-from atoken_core.evaluate import (
-    SSIM_SETTINGS,
-    PCABaseline,
-    evaluate_images,
-    image_metrics,
-    mean_metrics,
-    modality_head,
-    preview_rows,
-    reconstruct,
-    save_grid,
-)
-from atoken_core.imaging import resize_within
-from atoken_core.io import url_of
+from atoken_core.ema import EMA
+from atoken_core.errors import UserError
+from atoken_core.evaluate import SSIM_SETTINGS, modality_head
+from atoken_core.heldout import HeldOut
 from atoken_core.interfaces import LossInputs, StagePlan
+from atoken_core.io import url_of
 from atoken_core.recipe import Recipe, recipe_to_dict
 from atoken_core.registry import Registries
-
-# step-000100.safetensors (one process) or step-000100.dcp/ (torch.distributed.checkpoint folder)
-CKPT_RE = re.compile(r"step-(\d+)\.(safetensors|dcp)$")
-DCP_META = "atoken.json"
+from atoken_core.runlog import RunLog
 
 
 class TrainingError(UserError, RuntimeError):
@@ -110,12 +90,11 @@ class Run:
             for name, p in fn.named_parameters() if p.requires_grad}
         self.optimizer = self._optimizer()
         self.loss_optimizer = self._loss_optimizer()
-        self.ema = self._fresh_ema()
-        self.tb = None
+        self.ema = EMA(self.model, recipe.optim.ema_decay)
         self.recipe_dict = recipe_to_dict(recipe)
-        self._eval_cache: dict[str, list[tuple[str, torch.Tensor]]] = {}
-        self._pca: dict[str, PCABaseline] = {}
-        self._pca_recons: dict[str, list[torch.Tensor]] = {}
+        self.log = RunLog(self.fs, self.out_path, is_main=self.env.is_main, tensorboard=recipe.log.tensorboard)
+        self.checkpointer = Checkpointer(self)
+        self.heldout = HeldOut(self)
 
     # ------------------------------------------------------------------ setup
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -169,7 +148,7 @@ class Run:
         spec, latent_dim = self._bottleneck_spec, self.model.bottleneck.latent_dim
         apply_to_full_model(self.model, edit, lambda: build_model(self.recipe, self.registries, spec, latent_dim),
                             self.env)
-        self.ema = self._fresh_ema()
+        self.ema.reset(self.model)
 
     def _autocast(self) -> Any:
         """bf16 autocast for a single GPU process (FSDP2's policy does the casting when sharded)."""
@@ -179,35 +158,11 @@ class Run:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _fresh_ema(self) -> dict[str, torch.Tensor] | None:
-        if not self.recipe.optim.ema_decay:
-            return None
-        return {n: local(p.detach()).clone() for n, p in self.model.named_parameters()}
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        params = dict(self.model.named_parameters())
-        names = list(self.ema)
-        torch._foreach_lerp_([self.ema[n] for n in names], [local(params[n].detach()) for n in names],
-                             1.0 - self.recipe.optim.ema_decay)
-
-    def _swap_ema(self) -> None:
-        """Exchange the live weights and the EMA weights (twice restores them)."""
-        if self.ema is None:
-            return
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                live = local(p.detach()).clone()
-                local(p.detach()).copy_(self.ema[name])
-                self.ema[name] = live
-
     def _prepare_out_dir(self, resume: bool, create_parents: bool) -> None:
         parent = self.out_path.rsplit("/", 1)[0] if "/" in self.out_path else "."
         if parent and not create_parents and not self.fs.exists(parent):
             raise TrainingError(f"{self.out}: parent folder {parent!r} does not exist")
-        if not resume and self.fs.exists(f"{self.out_path}/checkpoints") and self.fs.ls(f"{self.out_path}/checkpoints"):
+        if not resume and self.fs.exists(self.checkpointer.folder) and self.fs.ls(self.checkpointer.folder):
             raise TrainingError(
                 f"{self.out}: already holds checkpoints; pass --resume to continue that run or choose another --out"
             )
@@ -216,18 +171,7 @@ class Run:
                 self.fs.makedirs(self.out_path + sub, exist_ok=True)
         barrier(self.env)
 
-    def checkpoints(self) -> list[tuple[int, str]]:
-        folder = f"{self.out_path}/checkpoints"
-        if not self.fs.exists(folder):
-            return []
-        found = []
-        for path in self.fs.ls(folder, detail=False):
-            m = CKPT_RE.search(path.rstrip("/"))
-            if m:
-                found.append((int(m.group(1)), path.rstrip("/")))
-        return sorted(found)
-
-    def _url(self, path: str) -> str:
+    def url(self, path: str) -> str:
         return url_of(self.fs, path)
 
     # ------------------------------------------------------------------ pieces
@@ -264,7 +208,7 @@ class Run:
         self._bottleneck_spec = spec
         self.optimizer = self._optimizer()
         self.loss_optimizer = self._loss_optimizer()
-        self.ema = self._fresh_ema()  # a new parameter set: the average starts again
+        self.ema.reset(self.model)  # a new parameter set: the average starts again
 
     def stage_at(self, step: int) -> tuple[StagePlan, int]:
         start = 0
@@ -323,7 +267,7 @@ class Run:
                 average_gradients(list(self.loss_params.values()), env)
                 for optimizer in self._optimizers():
                     optimizer.step()
-                self._update_ema()
+                self.ema.update(self.model)
             else:
                 finite = False
         if not finite:
@@ -335,281 +279,17 @@ class Run:
         total_value, terms = averaged[0], dict(zip(keys, averaged[1:]))
         return {"stage": plan.name, "loss": total_value, **terms, "lr": lr, "grad_norm": grad_norm, "finite": finite}
 
-    def eval_samples(self, name: str) -> list[tuple[str, torch.Tensor]]:
-        """Held-out samples, downscaled so the longer side is at most eval.max_side."""
-        if name not in self._eval_cache:
-            side = self.recipe.eval.max_side
-            self._eval_cache[name] = [(n, resize_within(x, max_side=side) if torch.is_tensor(x) else x)
-                                      for n, x in self.data[name].eval_samples()]
-        return self._eval_cache[name]
-
-    def evaluate(self) -> dict[str, Any]:
-        """Held-out metrics per modality (with the EMA weights when the recipe keeps them). Every
-        rank runs it (a sharded model needs them all); only rank 0 writes anything."""
-        results = {}
-        self._last_recons = {}
-        self._swap_ema()
-        try:
-            for name in self.data:
-                metrics, recons = evaluate_images(self.model, self.modalities[name], self.eval_samples(name))
-                results[name] = metrics
-                self._last_recons[name] = recons
-        finally:
-            self._swap_ema()
-        return results
-
-    def pca(self, name: str) -> PCABaseline:
-        """PCA of the training patches of one modality, fitted once per run."""
-        if name not in self._pca:
-            pca = PCABaseline(self.modalities[name], self.model.spec, self.plans[-1].latent_dim)
-            self._pca[name] = pca.fit(self.data[name].train_pool())
-        return self._pca[name]
-
-    def pca_baseline(self) -> dict[str, Any]:
-        out = {}
-        for name in self.data:
-            if not self.modalities[name].has_pca_baseline(self.model.spec):
-                continue  # e.g. PCA of patch pixels has nothing to say about rendered 3D views
-            pca = self.pca(name)
-            samples = self.eval_samples(name)
-            recons = [pca.reconstruct(x) for _, x in samples]
-            per = {n: image_metrics(x, r) for (n, x), r in zip(samples, recons)}
-            out[name] = {"mean": mean_metrics(list(per.values())), "per_image": per,
-                         "components": pca.k, "explained_variance": pca.explained}
-            self._pca_recons[name] = recons
-        return out
-
-    def save_grids(self, step: int) -> list[str]:
-        if not self.env.is_main:
-            return []
-        paths = []
-        for name in self.data:
-            samples = self.eval_samples(name)[: self.recipe.eval.grid_images]
-            recons = self._last_recons[name]
-            rows = []
-            modality = self.modalities[name]
-            unit = "frame" if modality.has_pca_baseline(self.model.spec) else "view"
-            for i, (label, x) in enumerate(samples):
-                x = modality.targets([x], self.model.spec)[0]
-                cells = [(f"{label} original", x), (f"atoken step {step}", recons[i])]
-                if name in self._pca_recons:
-                    cells.append((f"PCA-{self.plans[-1].latent_dim}", self._pca_recons[name][i]))
-                rows += preview_rows(modality, cells, unit)
-            path = f"{self.out_path}/recon/{name}-step-{step:06d}.png"
-            save_grid(rows, self._url(path))
-            paths.append(path)
-        return paths
-
-    @torch.no_grad()
-    def save_reconstructions(self) -> list[str]:
-        """Each modality's own formats for the first eval.grid_images held-out samples (videos as
-        .mp4, 3D assets as .ply + turntable), under recon/."""
-        written = []
-        self._swap_ema()
-        try:
-            for name, modality in self.modalities.items():
-                shown = self.eval_samples(name)[: self.recipe.eval.grid_images]
-                recons = reconstruct(self.model, modality, [x for _, x in shown])  # every rank: a sharded model
-                if not self.env.is_main:
-                    continue
-                for (label, _), r in zip(shown, recons):
-                    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.rsplit(".", 1)[0])
-                    written += modality.save_reconstruction(r.tokens, r.meta, self.model.spec,
-                                                            self._url(f"{self.out_path}/recon/{name}-{stem}"))
-        finally:
-            self._swap_ema()
-        return written
-
-    def save(self, step: int, plan: StagePlan, extra: dict[str, Any]) -> str:
-        if self.env.distributed:
-            path = self._save_sharded(step, plan, extra)
-        else:
-            path = f"{self.out_path}/checkpoints/step-{step:06d}.safetensors"
-            save_checkpoint(self._url(path), self.model, recipe=self.recipe_dict, step=step, stage=plan.index,
-                            optimizer=self.optimizer, extra_metadata=extra, ema=self.ema,
-                            extra_tensors=self._loss_state())
-        if self.env.is_main:
-            keep = self.recipe.log.keep_checkpoints
-            old = [p for s, p in self.checkpoints() if s != step and s != self.total_steps]
-            for p in old[: max(0, len(old) - (keep - 1))]:
-                self.fs.rm(p, recursive=True)
-        barrier(self.env)
-        return path
-
-    def _sharded_state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        state = {"model": get_model_state_dict(self.model),
-                 "optim": get_optimizer_state_dict(self.model, self.optimizer)}
-        if self.ema is not None:
-            state["ema"] = dict(self.ema)
-        if self.loss_params:
-            state["loss"] = self._loss_state()  # plain tensors, the same on every rank
-        return state
-
-    def _loss_state(self) -> dict[str, torch.Tensor]:
-        """The losses' learnable values (``loss.{i}.{name}``) and their optimiser's state
-        (``loss_optim.{param index}.{name}``), in both kinds of checkpoint."""
-        state = {name: p.detach() for name, p in self.loss_params.items()}
-        if self.loss_optimizer is not None:
-            state.update(optimizer_tensors(self.loss_optimizer, "loss_optim"))
-        return state
-
-    @torch.no_grad()
-    def _load_loss_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Restore :meth:`_loss_state` (other keys are ignored); the losses' parameters must match
-        this recipe's by name and shape."""
-        values = {k: v for k, v in state.items() if k.split(".", 1)[0] == "loss"}
-        missing = sorted(set(self.loss_params) - set(values))
-        unexpected = sorted(set(values) - set(self.loss_params))
-        shapes = [f"{k}: checkpoint {tuple(values[k].shape)} vs this run {tuple(p.shape)}"
-                  for k, p in self.loss_params.items() if k in values and values[k].shape != p.shape]
-        if missing or unexpected or shapes:
-            raise CheckpointError("\n".join([f"{source}: the losses' learnable parameters do not match this recipe's",
-                                             *([f"  missing: {', '.join(missing)}"] if missing else []),
-                                             *([f"  unexpected: {', '.join(unexpected)}"] if unexpected else []),
-                                             *(f"  shape mismatch {line}" for line in shapes)]))
-        for name, p in self.loss_params.items():
-            p.copy_(values[name])
-        if self.loss_optimizer is not None:
-            self.loss_optimizer.load_state_dict({"state": optimizer_state_from(state, "loss_optim"),
-                                                 "param_groups": self.loss_optimizer.state_dict()["param_groups"]})
-
-    def _save_sharded(self, step: int, plan: StagePlan, extra: dict[str, Any]) -> str:
-        """A torch.distributed.checkpoint folder (every rank writes its shards, any world size can
-        read it) with atoken.json describing it; written under a temporary name and renamed by
-        rank 0 once every rank is done, so a crash never leaves a half checkpoint."""
-        path = f"{self.out_path}/checkpoints/step-{step:06d}.dcp"
-        tmp = path + ".tmp"
-        if self.env.is_main and self.fs.exists(tmp):
-            self.fs.rm(tmp, recursive=True)
-        barrier(self.env)
-        state = self._sharded_state()
-        save_sharded(self._url(tmp), state)
-        barrier(self.env)
-        if self.env.is_main:
-            # the shapes of the losses' tensors: the resumed run's optimiser has no state yet to load into
-            loss_state = {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                          for k, v in state.get("loss", {}).items()}
-            meta = {"format": "atoken-dcp-v1", "atoken_version": __version__, "recipe": self.recipe_dict,
-                    "loss_state": loss_state,
-                    "state": {"step": step, "stage": plan.index, "world_size": self.env.world,
-                              "rng_torch": torch.get_rng_state().tolist(), **extra}}
-            with self.fs.open(f"{tmp}/{DCP_META}", "w") as f:
-                json.dump(meta, f)
-            self.fs.mv(tmp, path, recursive=True)
-        barrier(self.env)
-        return path
-
-    def _resume_from(self, path: str) -> dict[str, Any]:
-        """Load a checkpoint of either kind into this run; returns its state metadata."""
-        if path.endswith(".dcp"):
-            if not self.env.distributed:
-                raise TrainingError(f"{path}: a sharded checkpoint; resume it under torchrun (atoken run --nproc N)")
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-            with self.fs.open(f"{path}/{DCP_META}", "r") as f:
-                meta = json.load(f)
-            self.use_stage_bottleneck(self.plans[int(meta["state"]["stage"])])
-            state = self._sharded_state()
-            state.pop("loss", None)
-            loss_state = {k: torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
-                          for k, spec in meta.get("loss_state", {}).items()}
-            if loss_state:
-                state["loss"] = loss_state
-            load_sharded(self._url(path), state)
-            set_model_state_dict(self.model, state["model"])
-            set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
-            if self.ema is not None and "ema" in state:
-                self.ema = state["ema"]
-            self._load_loss_state(state.get("loss", {}), path)
-            torch.set_rng_state(torch.tensor(meta["state"]["rng_torch"], dtype=torch.uint8))
-            return meta["state"]
-        if self.env.distributed:
-            raise TrainingError(f"{path}: a single-process checkpoint; resume it with plain `atoken run --resume`")
-        tensors, meta = read_checkpoint(self._url(path))
-        self.use_stage_bottleneck(self.plans[int(meta["state"]["stage"])])
-        load_model_state(self.model, tensors, path)
-        load_optimizer_state(self.optimizer, tensors, meta)
-        self._load_loss_state(tensors, path)
-        if self.ema is not None:
-            for name in self.ema:
-                if f"ema.{name}" in tensors:
-                    self.ema[name] = tensors[f"ema.{name}"].to(self.env.device)
-        return meta["state"]
-
-    def export(self, step: int, plan: StagePlan) -> str | None:
-        """A sharded run ends with one consolidated safetensors file (model weights, recipe and
-        stage in its metadata) that `atoken encode/decode/eval` read like any checkpoint."""
-        if not self.env.distributed:
-            return None
-        state = full_state_dict(self.model)
-        path = f"{self.out_path}/final.safetensors"
-        if self.env.is_main:
-            save_checkpoint(self._url(path), self.model, recipe=self.recipe_dict, step=step, stage=plan.index,
-                            model_state=state)
-        barrier(self.env)
-        return path
-
-    def _append_metrics(self, rows: list[dict[str, Any]]) -> None:
-        if not rows or not self.env.is_main:
-            return
-        if self.tb is not None:
-            for row in rows:
-                for key, value in row.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        self.tb.add_scalar(key, value, row["step"])
-            self.tb.flush()
-        path = f"{self.out_path}/metrics.jsonl"
-        with self.fs.open(path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-
-    def _truncate_metrics(self, upto_step: int) -> None:
-        """After a resume, drop rows logged past the checkpoint (they will be logged again)."""
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            path = f"{self.out_path}/{name}"
-            if not self.fs.exists(path):
-                continue
-            with self.fs.open(path, "r") as f:
-                rows = [line for line in f if line.strip() and json.loads(line)["step"] <= upto_step]
-            with self.fs.open(path, "w") as f:
-                f.writelines(rows)
-
     # ------------------------------------------------------------------ main loop
-    def _open_tensorboard(self) -> None:
-        """TensorBoard event files under tb/ beside metrics.jsonl, when the optional tensorboard
-        package is installed and the output folder is on the local file system."""
-        if not (self.recipe.log.tensorboard and self.env.is_main and self.fs.protocol in ("file", ("file", "local"))):
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return
-        self.tb = SummaryWriter(f"{self.out_path}/tb")
-
-    def _log_eval(self, step: int, results: dict[str, Any]) -> None:
-        """Held-out means per modality to eval.jsonl (and TensorBoard), one row per evaluation."""
-        if not self.env.is_main:
-            return
-        with self.fs.open(f"{self.out_path}/eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **{name: r["mean"] for name, r in results.items()}}) + "\n")
-        if self.tb is not None:
-            for name, r in results.items():
-                for metric, value in r["mean"].items():
-                    self.tb.add_scalar(f"eval/{name}/{metric}", value, step)
-
     def run(self, resume: bool = False, create_parents: bool = False) -> dict[str, Any]:
         self._prepare_out_dir(resume, create_parents)
         start, extra, resumed = 0, {}, False
         if resume:
-            ckpts = self.checkpoints()
+            ckpts = self.checkpointer.list()
             if ckpts:
-                state = self._resume_from(ckpts[-1][1])
+                state = self.checkpointer.resume(ckpts[-1][1])
                 start = int(state["step"])
                 extra = {k: state[k] for k in ("eval_initial", "pca_baseline", "nonfinite_steps") if k in state}
-                if self.env.is_main:
-                    self._truncate_metrics(start)
+                self.log.truncate(start)
                 resumed = True
         if not resumed and self.recipe.model.init.startswith("siglip2:"):
             from atoken_core.siglip2 import import_siglip2, load_siglip2_vision_state
@@ -622,17 +302,17 @@ class Run:
             self._edit_model(lambda model: load_model_state(model, read_checkpoint(path)[0], path))
         if not resumed and self.recipe.model.shortcut == "pca":
             def init_shortcut(model: torch.nn.Module) -> None:
-                pca, k = self.pca(self.plans[0].modalities[0]), self.plans[0].latent_dim
+                pca, k = self.heldout.pca(self.plans[0].modalities[0]), self.plans[0].latent_dim
                 # the PCA is fitted at the final width; its leading k components are the k-PCA
                 model.init_shortcut(pca.mean.float(), pca.basis[:k].float(), pca.variance[:k].float())
 
             self._edit_model(init_shortcut)
-        self._open_tensorboard()
+        self.log.open()
         if "eval_initial" not in extra:
-            extra["eval_initial"] = self.evaluate()
-            self._log_eval(0, extra["eval_initial"])
+            extra["eval_initial"] = self.heldout.evaluate()
+            self.log.evaluation(0, extra["eval_initial"])
         if self.recipe.eval.pca_baseline:
-            extra["pca_baseline"] = self.pca_baseline()
+            extra["pca_baseline"] = self.heldout.pca_baseline()
         extra.setdefault("nonfinite_steps", 0)
 
         t0 = time.perf_counter()
@@ -653,11 +333,10 @@ class Run:
                 extra["nonfinite_steps"] += 1
                 streak += 1
                 if streak >= 10:
-                    self._append_metrics(pending)
-                    raise TrainingError(
-                        f"{streak} non-finite losses in a row at step {step + 1}; stopping. "
-                        f"Last good checkpoint: {self.checkpoints()[-1][1] if self.checkpoints() else 'none'}"
-                    )
+                    self.log.metrics(pending)
+                    last = self.checkpointer.list()
+                    raise TrainingError(f"{streak} non-finite losses in a row at step {step + 1}; stopping. "
+                                        f"Last good checkpoint: {last[-1][1] if last else 'none'}")
             else:
                 streak = 0
             done = step + 1
@@ -667,21 +346,21 @@ class Run:
                 pending.append({"step": done, **row, "seconds": round(time.perf_counter() - t0, 3)})
             every = self.recipe.eval.every
             if every and done % every == 0 and done != self.total_steps:
-                self._log_eval(done, self.evaluate())
-                self.save_grids(done)
+                self.log.evaluation(done, self.heldout.evaluate())
+                self.heldout.save_grids(done)
             if done % self.recipe.log.checkpoint_every == 0 or done == self.total_steps:
-                self._append_metrics(pending)  # metrics first, so a resumed run never loses rows
+                self.log.metrics(pending)  # metrics first, so a resumed run never loses rows
                 pending = []
-                self.save(done, plan, extra)
+                self.checkpointer.save(done, plan, extra)
         if bar is not None:
             bar.close()
-        self._append_metrics(pending)
+        self.log.metrics(pending)
 
-        final = self.evaluate()
-        self._log_eval(self.total_steps, final)
-        self.save_grids(self.total_steps)
-        self.save_reconstructions()
-        export = self.export(self.total_steps, self.plans[-1])
+        final = self.heldout.evaluate()
+        self.log.evaluation(self.total_steps, final)
+        self.heldout.save_grids(self.total_steps)
+        self.heldout.save_reconstructions()
+        export = self.checkpointer.export(self.total_steps, self.plans[-1])
         report = {
             "atoken_version": __version__,
             "recipe": self.recipe.name,
@@ -703,8 +382,7 @@ class Run:
         if self.env.is_main:
             with self.fs.open(f"{self.out_path}/eval.json", "w") as f:
                 json.dump(report, f, indent=2)
-        if self.tb is not None:
-            self.tb.close()
+        self.log.close()
         return report
 
 
