@@ -21,6 +21,8 @@ def install(session: nox.Session) -> None:
     session.install("--no-deps", "pyvista==0.49.1")
     # The example third-party plugin: installed like any plugin, found through its entry point.
     session.install("--no-deps", "-e", "plugins/atoken-example-plugin")
+    # The example third-party modality (2-channel optical flow): a non-RGB modality as a plugin.
+    session.install("--no-deps", "-e", "plugins/atoken-flow")
 
 
 @nox.session(python=PYTHON)

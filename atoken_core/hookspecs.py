@@ -63,7 +63,7 @@ def atoken_curricula() -> list[Component]:
 
 
 @hookspec
-def atoken_datasets() -> list[Component]:
+def atoken_data() -> list[Component]:
     """Return the data sources this plugin provides.
 
     The factory is called as ``factory(config)`` with the recipe's ``[data.NAME]`` table (minus

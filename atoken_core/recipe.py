@@ -312,7 +312,7 @@ def validate(recipe: Recipe, registries: Registries) -> Recipe:
         except ConfigError as err:
             problems.extend(err.problems)
     for name, spec in recipe.data.items():
-        _check_component(spec, "dataset", f"data.{name}", registries, problems)
+        _check_component(spec, "data", f"data.{name}", registries, problems)
     for i, st in enumerate(recipe.stage):
         for name in st.modalities:
             if name not in recipe.data:

@@ -22,9 +22,13 @@ KINDS: dict[str, str] = {
     "bottleneck": "atoken_bottlenecks",
     "loss": "atoken_losses",
     "curriculum": "atoken_curricula",
-    "dataset": "atoken_datasets",
+    "data": "atoken_data",
     "teacher": "atoken_teachers",
 }
+
+
+#: how messages name a kind's components where the kind's name alone reads badly
+LABELS = {"data": "data source"}
 
 
 class RegistryError(UserError):
@@ -73,6 +77,7 @@ class Registry:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+        self.label = LABELS.get(kind, kind)
         self._entries: dict[str, Entry] = {}
 
     def register(self, component: Component, plugin: str) -> None:
@@ -83,12 +88,12 @@ class Registry:
             )
         if not attrs.has(component.config):
             raise RegistryError(
-                f"{self.kind} {component.name!r} from plugin {plugin!r}: config must be an attrs class"
+                f"{self.label} {component.name!r} from plugin {plugin!r}: config must be an attrs class"
             )
         previous = self._entries.get(component.name)
         if previous is not None:
             raise RegistryError(
-                f"{self.kind} {component.name!r} is registered twice: by plugin "
+                f"{self.label} {component.name!r} is registered twice: by plugin "
                 f"{previous.plugin!r} and by plugin {plugin!r}"
             )
         self._entries[component.name] = Entry(component, plugin)
@@ -103,7 +108,7 @@ class Registry:
         known = sorted(self._entries)
         by_lower = {k.lower(): k for k in known}
         hint = [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=1)]
-        msg = f"unknown {self.kind} {name!r}"
+        msg = f"unknown {self.label} {name!r}"
         if hint:
             msg += f" (did you mean {hint[0]!r}?)"
         return msg + f"; registered: {', '.join(known) or 'none'}"

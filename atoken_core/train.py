@@ -78,7 +78,7 @@ class Run:
                                     f"{self.env.world} processes (each process takes batch_size / processes samples)")
         names = sorted({m for p in self.plans for m in p.modalities})
         self.modalities = {m: build_modality(recipe, registries, m) for m in names}
-        self.data = {m: build_component(recipe.data[m], "dataset", registries) for m in names}
+        self.data = {m: build_component(recipe.data[m], "data", registries) for m in names}
         self._bottleneck_spec = self.plans[0].bottleneck
         self.model = self._build_model(lambda: build_model(recipe, registries, self.plans[0].bottleneck,
                                                            self.plans[0].latent_dim))

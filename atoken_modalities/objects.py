@@ -92,7 +92,7 @@ def atoken_modalities() -> list[Component]:
 
 
 @hookimpl
-def atoken_datasets() -> list[Component]:
+def atoken_data() -> list[Component]:
     return [
         Component("packaged_meshes", "atoken_modalities.objects_impl:MeshSource", MeshSourceConfig,
                   "real meshes from the pyvista wheel + synthetic trimesh primitives, rendered on the CPU; "

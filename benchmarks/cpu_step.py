@@ -33,7 +33,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe, registries, ["data.image.video_frames=0"])
     model = build_model(recipe, registries)
     modality = build_modality(recipe, registries, "image")
-    data = build_component(recipe.data["image"], "dataset", registries)
+    data = build_component(recipe.data["image"], "data", registries)
     losses = [(s, build_component(s, "loss", registries)) for s in recipe.loss]
     bs = recipe.stage[0].batch_size
     samples = data.train_batch(bs, step_generator(0, 0))

@@ -44,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     registries = get_registries()
     recipe = load_recipe(args.recipe, registries)
-    source = build_component(recipe.data["3d"], "dataset", registries)
+    source = build_component(recipe.data["3d"], "data", registries)
     patch = 16
     if args.ckpt:
         model, ckpt_recipe, _ = model_from_checkpoint(args.ckpt, registries)

@@ -65,7 +65,7 @@ def _code_strings(path: Path):
 def test_core_names_no_registered_modality_loss_teacher_or_dataset():
     # A loss name that is also a bottleneck's ("kl") is left out: flavours of released weights name
     # their bottleneck, which the core may.
-    names = {n: kind for kind in ("modality", "loss", "teacher", "dataset") for n in _names(kind)
+    names = {n: kind for kind in ("modality", "loss", "teacher", "data") for n in _names(kind)
              if n not in _REGISTRIES["bottleneck"]}
     found = [f"{path.name}:{line} names {names[value]} {value!r}"
              for path in _core_files() for line, value in _code_strings(path) if value in names]

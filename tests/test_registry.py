@@ -57,7 +57,7 @@ def test_every_builtin_is_registered_with_its_plugin(registries):
     assert {"kl", "fsq"} <= set(registries["bottleneck"])
     assert {"l1", "kl", "lpips", "gram"} <= set(registries["loss"])
     assert "sequential" in registries["curriculum"]
-    assert {"packaged_photos", "image_folder"} <= set(registries["dataset"])
+    assert {"packaged_photos", "image_folder"} <= set(registries["data"])
 
 
 def test_first_party_plugins_come_from_entry_points_only(monkeypatch):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from atoken_core.config import structure
 from atoken_core.train import step_generator
-from atoken_modalities.shards import TarShardsConfig, atoken_datasets
+from atoken_modalities.shards import TarShardsConfig, atoken_data
 from atoken_modalities import shards_impl
 from atoken_core.tarshards import ShardError, ShardNotFound, expand_braces, read_parts, write_shards
 from atoken_modalities.shards_impl import TarShards
@@ -75,7 +75,7 @@ def test_expand_braces():
 
 
 def test_config_is_registered_and_strict():
-    (component,) = atoken_datasets()
+    (component,) = atoken_data()
     assert component.name == "tar_shards" and component.config is TarShardsConfig
     video = structure({"shards": ["a.tar"], "eval_shards": ["b.tar"], "modality": "video"}, TarShardsConfig, "data.video")
     assert video.media == ["mp4", "webm"] and video.train_sample_shape() == (8, 3, 64, 64)
