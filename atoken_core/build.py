@@ -54,6 +54,22 @@ def build_component(spec: ComponentSpec, kind: str, registries: Registries, **kw
     return registries[kind].get(spec.kind).build(spec.config, **kwargs)
 
 
+def build_data(recipe: Recipe, registries: Registries, name: str, modality: Any) -> Any:
+    """The data source of ``[data.NAME]``: ``factory(config)``, or ``factory(config, modality=...)``
+    with the modality it feeds (configured as the recipe says) when the factory takes a
+    ``modality`` argument, as pluggy passes a hook implementation only the arguments it names."""
+    import inspect
+
+    component = registries["data"].get(recipe.data[name].kind)
+    factory = component.resolve()
+    try:
+        takes = "modality" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        takes = False
+    config = recipe.data[name].config
+    return factory(config, modality=modality) if takes else factory(config)
+
+
 def model_from_checkpoint(path: str, registries: Registries) -> tuple[AToken, Recipe, dict[str, Any]]:
     """Rebuild a checkpoint's model from the recipe stored in its metadata (at the stage it was
     saved in), load its weights strictly, and return (model in eval mode, recipe, metadata)."""

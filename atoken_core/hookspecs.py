@@ -67,7 +67,9 @@ def atoken_data() -> list[Component]:
     """Return the data sources this plugin provides.
 
     The factory is called as ``factory(config)`` with the recipe's ``[data.NAME]`` table (minus
-    ``kind``) structured into the component's config class, and returns an
+    ``kind``) structured into the component's config class, or as ``factory(config,
+    modality=...)`` with the :class:`~atoken_core.interfaces.Modality` it feeds when it takes a
+    ``modality`` argument (as pluggy passes an implementation only what it names), and returns an
     :class:`atoken_core.interfaces.DataSource` of training and evaluation samples for the
     modality ``NAME``. Its config declares ``train_sample_shape()``
     (:class:`atoken_core.interfaces.SampleShape`) so ``--dry-run`` can count tokens.

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from atoken_core import __version__
-from atoken_core.build import build_bottleneck, build_component, build_model, build_modality
+from atoken_core.build import build_bottleneck, build_component, build_data, build_model, build_modality
 from atoken_core.checkpoint import CheckpointError, load_model_state, read_checkpoint
 from atoken_core.checkpointer import Checkpointer
 from atoken_core.distributed import (
@@ -78,7 +78,7 @@ class Run:
                                     f"{self.env.world} processes (each process takes batch_size / processes samples)")
         names = sorted({m for p in self.plans for m in p.modalities})
         self.modalities = {m: build_modality(recipe, registries, m) for m in names}
-        self.data = {m: build_component(recipe.data[m], "data", registries) for m in names}
+        self.data = {m: build_data(recipe, registries, m, self.modalities[m]) for m in names}
         self._bottleneck_spec = self.plans[0].bottleneck
         self.model = self._build_model(lambda: build_model(recipe, registries, self.plans[0].bottleneck,
                                                            self.plans[0].latent_dim))
@@ -319,42 +319,43 @@ class Run:
         pending: list[dict[str, Any]] = []
         streak = 0
         bar, bar_stage = None, None
-        for step in range(start, self.total_steps):
-            plan, in_stage = self.stage_at(step)
-            self.use_stage_bottleneck(plan)
-            if plan.index != bar_stage:  # one progress bar (with its own ETA) per stage
-                if bar is not None:
-                    bar.close()
-                bar = tqdm(total=plan.steps, initial=in_stage, disable=not self.progress, unit="step",
-                           desc=f"stage {plan.index + 1}/{len(self.plans)} {plan.name}", dynamic_ncols=True)
-                bar_stage = plan.index
-            row = self.train_step(step)
-            if not row.pop("finite"):
-                extra["nonfinite_steps"] += 1
-                streak += 1
-                if streak >= 10:
-                    self.log.metrics(pending)
-                    last = self.checkpointer.list()
-                    raise TrainingError(f"{streak} non-finite losses in a row at step {step + 1}; stopping. "
-                                        f"Last good checkpoint: {last[-1][1] if last else 'none'}")
-            else:
-                streak = 0
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if done % self.recipe.log.every == 0 or done == self.total_steps:
-                pending.append({"step": done, **row, "seconds": round(time.perf_counter() - t0, 3)})
-            every = self.recipe.eval.every
-            if every and done % every == 0 and done != self.total_steps:
-                self.log.evaluation(done, self.heldout.evaluate())
-                self.heldout.save_grids(done)
-            if done % self.recipe.log.checkpoint_every == 0 or done == self.total_steps:
-                self.log.metrics(pending)  # metrics first, so a resumed run never loses rows
-                pending = []
-                self.checkpointer.save(done, plan, extra)
-        if bar is not None:
-            bar.close()
-        self.log.metrics(pending)
+        try:
+            for step in range(start, self.total_steps):
+                plan, in_stage = self.stage_at(step)
+                self.use_stage_bottleneck(plan)
+                if plan.index != bar_stage:  # one progress bar (with its own ETA) per stage
+                    if bar is not None:
+                        bar.close()
+                    bar = tqdm(total=plan.steps, initial=in_stage, disable=not self.progress, unit="step",
+                               desc=f"stage {plan.index + 1}/{len(self.plans)} {plan.name}", dynamic_ncols=True)
+                    bar_stage = plan.index
+                row = self.train_step(step)
+                if not row.pop("finite"):
+                    extra["nonfinite_steps"] += 1
+                    streak += 1
+                    if streak >= 10:
+                        last = self.checkpointer.list()
+                        raise TrainingError(f"{streak} non-finite losses in a row at step {step + 1}; stopping. "
+                                            f"Last good checkpoint: {last[-1][1] if last else 'none'}")
+                else:
+                    streak = 0
+                done = step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if done % self.recipe.log.every == 0 or done == self.total_steps:
+                    pending.append({"step": done, **row, "seconds": round(time.perf_counter() - t0, 3)})
+                every = self.recipe.eval.every
+                if every and done % every == 0 and done != self.total_steps:
+                    self.log.evaluation(done, self.heldout.evaluate())
+                    self.heldout.save_grids(done)
+                if done % self.recipe.log.checkpoint_every == 0 or done == self.total_steps:
+                    rows, pending = pending, []
+                    self.log.metrics(rows)  # metrics first, so a resumed run never loses rows
+                    self.checkpointer.save(done, plan, extra)
+        finally:  # a crash or Ctrl-C keeps the rows logged since the last checkpoint (a resume truncates them)
+            if bar is not None:
+                bar.close()
+            self.log.metrics(pending)
 
         final = self.heldout.evaluate()
         self.log.evaluation(self.total_steps, final)

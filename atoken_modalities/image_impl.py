@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import fsspec
 import numpy as np
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from PIL import Image, UnidentifiedImageError
 
 from atoken_core.errors import UserError
 from atoken_core.imaging import resize_within
 from atoken_core.interfaces import EvalData, EvalRequest, Modality, PatchSpec, Tokens
 from atoken_core.io import read_input
+from atoken_core.patching import patchify_plane, plane_grid, unpatchify_plane
 from atoken_core.sparse import Sparse4D
 
 
@@ -130,12 +128,8 @@ class ImageModality(Modality):
     def __init__(self, config: Any) -> None:
         self.config = config
 
-    @staticmethod
-    def grid(height: int, width: int, patch: int) -> tuple[int, int]:
-        return math.ceil(height / patch), math.ceil(width / patch)
-
     def num_tokens(self, shape: Sequence[int], spec: PatchSpec) -> int:
-        gh, gw = self.grid(shape[-2], shape[-1], spec.patch_size)
+        gh, gw = plane_grid(shape[-2], shape[-1], spec.patch_size)
         return gh * gw
 
     def _fit(self, x: torch.Tensor, i: int, spec: PatchSpec) -> torch.Tensor:
@@ -149,33 +143,10 @@ class ImageModality(Modality):
         return [self._fit(x, i, spec) for i, x in enumerate(samples)]
 
     def patchify(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> Tokens:
-        p = spec.patch_size
-        parts, meta = [], []
-        for i, x in enumerate(samples):
-            x = self._fit(x, i, spec)
-            h, w = x.shape[-2:]
-            gh, gw = self.grid(h, w, p)
-            pad = (0, gw * p - w, 0, gh * p - h)
-            if any(pad):
-                mode = self.config.pad_mode
-                if mode == "reflect" and (pad[1] >= w or pad[3] >= h):
-                    mode = "replicate"  # reflect needs the image to be larger than the pad
-                x = F.pad(x[None], pad, mode=mode)[0]
-            patches = rearrange(x, "c (gh ph) (gw pw) -> (gh gw) (ph pw c)", ph=p, pw=p)
-            rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-            coords = torch.zeros(gh * gw, 4, dtype=torch.long)
-            coords[:, 1] = cols.flatten()  # x
-            coords[:, 2] = rows.flatten()  # y
-            parts.append(Sparse4D.single(patches, coords.to(x.device)))
-            meta.append({"height": h, "width": w, "grid": (gh, gw)})
-        return Tokens(Sparse4D.cat(parts), meta)
+        parts = [patchify_plane(self._fit(x, i, spec), spec.patch_size, self.config.pad_mode)
+                 for i, x in enumerate(samples)]
+        return Tokens(Sparse4D.cat([t for t, _ in parts]), [m for _, m in parts])
 
     def unpatchify(self, patches: Sparse4D, meta: list[dict[str, Any]], spec: PatchSpec) -> list[torch.Tensor]:
-        p = spec.patch_size
-        out = []
-        for sample, m in zip(patches.split(), meta):
-            gh, gw = m["grid"]
-            frame = sample.features[:, : spec.frame_dim]
-            x = rearrange(frame, "(gh gw) (ph pw c) -> c (gh ph) (gw pw)", gh=gh, gw=gw, ph=p, pw=p)
-            out.append(x[:, : m["height"], : m["width"]])
-        return out
+        return [unpatchify_plane(sample.features, m, spec.patch_size, spec.channels)
+                for sample, m in zip(patches.split(), meta)]

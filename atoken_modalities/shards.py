@@ -29,12 +29,15 @@ class TarShardsConfig:
     shards: list[str] = attrs.field(metadata={"doc": (
         "training shards: fsspec URIs, globs or brace patterns, e.g. 's3://b/train-{000000..000099}.tar'")})
     eval_shards: list[str] = attrs.field(metadata={"doc": "held-out shards (same forms), evaluated at native size"})
-    modality: str = attrs.field(default="image", validator=attrs.validators.in_(sorted(DEFAULT_MEDIA)),
-                                metadata={"doc": "what the media members hold: image, video or 3d"})
+    modality: str = attrs.field(default="image", validator=attrs.validators.min_len(1), metadata={
+        "doc": "what the media members hold: image, video or 3d (decoded and augmented here), or any other "
+               "registered modality, which reads its members itself (training samples: random crop x crop "
+               "windows, not resized or flipped)"})
     media: list[str] = attrs.field(
-        default=attrs.Factory(lambda self: list(DEFAULT_MEDIA[self.modality]), takes_self=True),
+        default=attrs.Factory(lambda self: list(DEFAULT_MEDIA.get(self.modality, [])), takes_self=True),
         metadata={"doc": "member extensions holding the media, first present wins (default: jpg/jpeg/png/webp "
-                         "for images, mp4/webm for video, glb/obj/ply for 3d); samples without one are ignored"},
+                         "for images, mp4/webm for video, glb/obj/ply for 3d, the file suffixes of any other "
+                         "modality); samples without one are ignored"},
     )
     caption: str = attrs.field(default="txt", metadata={"doc": "member extension of captions ('' = the source has none)"})
     label: str = attrs.field(default="cls", metadata={"doc": "member extension of class labels, exposed for "
@@ -67,7 +70,7 @@ class TarShardsConfig:
 
     @media.validator
     def _check_media(self, attribute: attrs.Attribute, value: list[str]) -> None:
-        if not value or any(not e or e.startswith(".") for e in value):
+        if any(not e or e.startswith(".") for e in value) or (not value and self.modality in DEFAULT_MEDIA):
             raise ValueError(f"'media' must list member extensions without dots, e.g. ['jpg', 'png']; got {value!r}")
 
     def train_sample_shape(self) -> tuple[int, ...]:
@@ -75,7 +78,9 @@ class TarShardsConfig:
             return (self.frames, 3, self.crop, self.crop)
         if self.modality == "3d":
             return (int(2.5 * self.resolution**2),)  # surface voxels of a closed shape, for estimates
-        return (3, self.crop, self.crop)
+        if self.modality == "image":
+            return (3, self.crop, self.crop)
+        return (self.crop, self.crop)  # another modality's window: its num_tokens reads the last two sides
 
 
 @hookimpl

@@ -47,6 +47,7 @@ import torch
 
 from atoken_core.imaging import resize_within
 from atoken_core.interfaces import DataSource
+from atoken_modalities.shards import DEFAULT_MEDIA
 from atoken_core.tarshards import Ref, ShardError, ShardIndex, _names, read_parts, resolve_shards
 from atoken_modalities.image_impl import image_from_bytes
 from atoken_modalities.video_impl import video_from_bytes
@@ -105,15 +106,24 @@ def _cameras(kind: str, n: int, radius: float, fov: float, size: int) -> Any:
     return sphere_cameras(n, radius, fov, size)
 
 
-def decode(config: Any, mode: str, ref: Ref, blobs: Mapping[str, bytes], u: Sequence[float] | None) -> Any:
+def decode(config: Any, mode: str, ref: Ref, blobs: Mapping[str, bytes], u: Sequence[float] | None,
+           modality: Any = None) -> Any:
     """One sample from its members' bytes. ``mode``: ``train`` (a crop chosen by ``u``; for 3D the
     rotation), ``eval`` (native size; the first ``eval_frames`` frames; 3D scored on a ring of
     held-out views) or ``pool`` (whole sample, resized as for training, for PCA; for 3D the
-    parsed mesh, only to check it)."""
+    parsed mesh, only to check it). Any other modality reads the member itself
+    (:meth:`Modality.read_bytes`); its training samples are ``crop`` x ``crop`` windows at a
+    position chosen by ``u`` (whole when smaller), never resized or flipped (values such as
+    motion vectors may depend on the scale and direction)."""
     media = blobs["media"]
     if not media:
         raise ShardError(f"{ref.name}: empty member (0 bytes)")
     c = config
+    if modality is not None:
+        x = modality.read_bytes(media, f"{ref.name}")
+        if mode == "eval" or not torch.is_tensor(x) or x.ndim < 2:
+            return x
+        return x if mode == "pool" else crop_window(x, u, c.crop)
     if c.modality == "image":
         x = image_from_bytes(media, ref.name)  # atoken_modalities.image_impl
         if mode == "eval":
@@ -143,18 +153,27 @@ def decode(config: Any, mode: str, ref: Ref, blobs: Mapping[str, bytes], u: Sequ
     return make_asset(mesh, cameras, c.resolution)
 
 
+def crop_window(x: torch.Tensor, u: Sequence[float], crop: int) -> torch.Tensor:
+    """The ``crop`` x ``crop`` window (..., H, W) of ``x`` whose top-left corner ``u[1]``, ``u[2]``
+    choose (each side whole when it is shorter than ``crop``)."""
+    h, w = x.shape[-2:]
+    ch, cw = min(crop, h), min(crop, w)
+    top, left = _pick(u[1], h - ch + 1), _pick(u[2], w - cw + 1)
+    return x[..., top : top + ch, left : left + cw].clone()
+
+
 def _text(data: bytes | None) -> str | None:
     return None if data is None else data.decode("utf-8", errors="replace").strip()
 
 
 def decode_ref(config: Any, mode: str, ref: Ref, blobs: Mapping[str, bytes] | None,
-               u: Sequence[float] | None) -> tuple[Any, ...]:
+               u: Sequence[float] | None, modality: Any = None) -> tuple[Any, ...]:
     """Read (unless ``blobs`` are given) and decode one sample: ``("ok", sample, caption, label)``,
     or ``("err", message)`` when bad data makes that impossible."""
     try:
         if blobs is None:
             blobs = read_parts(ref)
-        sample = decode(config, mode, ref, blobs, u)
+        sample = decode(config, mode, ref, blobs, u, modality)
     except DATA_ERRORS as err:
         msg = str(err)
         return ("err", msg if ref.name in msg else f"{ref.name}: {type(err).__name__}: {msg}")
@@ -223,8 +242,18 @@ class TarShards(DataSource):
     held-out sample names to their class labels (after :meth:`eval_samples`); ``prefetch_hits``
     counts batches found already decoding."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, modality: Any = None) -> None:
         self.config = config
+        # The first-party modalities are decoded (and augmented) here; any other reads its members
+        # itself (None for the first-party ones: decoding them needs no modality object).
+        self.modality = None if config.modality in DEFAULT_MEDIA else modality
+        if config.modality not in DEFAULT_MEDIA and modality is None:
+            raise ShardError(f"tar_shards: modality {config.modality!r} is not one this source decodes itself "
+                             "(image, video, 3d), and no modality object was given to read its members")
+        media = list(config.media) or [s.lstrip(".") for s in getattr(modality, "suffixes", ())]
+        if not media:
+            raise ShardError(f"tar_shards: modality {config.modality!r} declares no file suffixes; "
+                             "list the member extensions in `media`")
         self._skip_count, self.skipped = 0, []
         self.labels: dict[str, str] = {}
         self.prefetch_hits = 0
@@ -233,13 +262,13 @@ class TarShards(DataSource):
         self._pending: OrderedDict[tuple[int, bytes], _Pending] = OrderedDict()
         self._evals: list[tuple[str, Any]] | None = None
         c = config
-        self.index = ShardIndex(resolve_shards(c.shards), c.media, c.caption, c.label, self._report)
-        self.eval_index = ShardIndex(resolve_shards(c.eval_shards), c.media, c.caption, c.label, self._report)
+        self.index = ShardIndex(resolve_shards(c.shards), media, c.caption, c.label, self._report)
+        self.eval_index = ShardIndex(resolve_shards(c.eval_shards), media, c.caption, c.label, self._report)
         for what, index in (("training", self.index), ("held-out", self.eval_index)):
             if not index.urls:
                 raise ShardError(f"no {what} shards listed")
             if not len(index):
-                raise ShardError(f"the {what} shards hold no sample with a {'/'.join(c.media)} member: "
+                raise ShardError(f"the {what} shards hold no sample with a {'/'.join(media)} member: "
                                  f"{_names(index.urls)}" + self._first_errors())
         self._probe()
 
@@ -265,7 +294,7 @@ class TarShards(DataSource):
     def _probe(self) -> None:
         """Fail now, not mid-run, when no training sample decodes: decode samples in order until one does."""
         for i in range(len(self.index)):
-            result = decode_ref(self.config, "pool", self.index[i], None, None)
+            result = decode_ref(self.config, "pool", self.index[i], None, None, self.modality)
             if result[0] == "ok":
                 return
             self._bad.add(i)
@@ -293,7 +322,7 @@ class TarShards(DataSource):
     def _submit(self, ref: Ref, mode: str, u: Sequence[float] | None) -> Any:
         pool = self._executor()
         if pool is None:
-            return _Deferred(lambda: decode_ref(self.config, mode, ref, None, u))
+            return _Deferred(lambda: decode_ref(self.config, mode, ref, None, u, self.modality))
         blobs = None
         if ref.url.startswith("memory://"):
             # An in-memory filesystem lives in this process only: read here, decode there.
@@ -302,7 +331,7 @@ class TarShards(DataSource):
             except DATA_ERRORS as err:
                 msg = str(err) if ref.name in str(err) else f"{ref.name}: cannot read: {err}"
                 return _Deferred(lambda: ("err", msg))
-        return pool.submit(_decode_in_worker, self.config, mode, ref, blobs, u)
+        return pool.submit(_decode_in_worker, self.config, mode, ref, blobs, u, self.modality)
 
     def _result(self, future: Any) -> tuple[Any, ...]:
         out = future.result()

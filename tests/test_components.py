@@ -193,3 +193,37 @@ def test_every_loss_gives_the_reconstruction_a_gradient(name, registries):
 
 def _teacher_dim(loss) -> int:
     return next(v for k, v in vars(loss).items() if k == "_teacher").embed_dim
+
+
+# ----------------------------------------------------------------------------- curricula, teachers
+@pytest.mark.parametrize("name", _names("curriculum"))
+def test_every_curriculum_orders_the_recipe_stages(name, registries):
+    from atoken_core.interfaces import Curriculum
+    from atoken_core.recipe import load_recipe
+
+    recipe = load_recipe(str(ROOT / "recipes" / "tiny-curriculum.toml"), registries, [f'curriculum={{kind = "{name}"}}'])
+    curriculum = registries["curriculum"].get(name).build(recipe.curriculum.config)
+    assert isinstance(curriculum, Curriculum)
+    plans = curriculum.stages(recipe)
+    assert plans and sum(p.steps for p in plans) == sum(s.steps for s in recipe.stage)
+    for plan in plans:
+        for step in range(min(plan.steps, 4)):
+            assert set(curriculum.modality_schedule(plan, step)) <= set(plan.modalities)
+
+
+@pytest.mark.parametrize("name", _names("teacher"))
+def test_every_teacher_embeds_images_and_texts_frozen(name, registries):
+    from atoken_core.interfaces import Teacher
+
+    component = registries["teacher"].get(name)
+    required = [f.name for f in attrs.fields(component.config) if f.default is attrs.NOTHING]
+    if required:
+        pytest.skip(f"teacher {name!r} needs {', '.join(required)} (real weights; tested in test_teachers.py)")
+    teacher = component.build(component.config()).freeze()
+    assert isinstance(teacher, Teacher)
+    images = torch.rand(2, 3, 32, 32, requires_grad=True) * 2 - 1
+    image_emb, text_emb = teacher.encode_image(images), teacher.encode_text(["a cat", "a dog", "a car"])
+    assert image_emb.shape == (2, teacher.embed_dim) and text_emb.shape == (3, teacher.embed_dim)
+    assert torch.allclose(image_emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+    assert torch.allclose(text_emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.train().training

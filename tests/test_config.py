@@ -205,3 +205,29 @@ def test_model_init_names_its_kind(registries):
     assert probs == ["model.init: invalid value: must be '', 'siglip2:PATH' or 'checkpoint:PATH', "
                      "got 'ckpt:/x.safetensors'"]
     assert recipe_from_dict(edited(model__init='"checkpoint:/x.safetensors"'), registries).model.init
+
+
+def test_a_crash_keeps_the_rows_logged_since_the_last_checkpoint(registries, tmp_path, monkeypatch):
+    """Rows wait for the next checkpoint to be written; a crash in between still writes them (a
+    resume truncates rows past its checkpoint, so nothing is logged twice)."""
+    import json
+
+    from atoken_core.train import Run
+
+    recipe = load_recipe(str(ROOT / "recipes" / "tiny.toml"), registries, [
+        "model.flavor=\"test\"", "data.image.video_frames=0", "data.image.crop=32", "stage[0].batch_size=2",
+        "stage[0].steps=10", "log.every=1", "log.checkpoint_every=10", "eval.pca_baseline=false",
+        "eval.max_side=32", "loss=[{kind = \"l1\"}]", "data.image.train=[\"pkg://skimage/data/astronaut.png\"]"])
+    run = Run(recipe, registries, str(tmp_path / "r"), progress=False)
+    step = run.train_step
+
+    def failing(i):
+        if i == 3:
+            raise RuntimeError("a data source broke")
+        return step(i)
+
+    monkeypatch.setattr(run, "train_step", failing)
+    with pytest.raises(RuntimeError, match="a data source broke"):
+        run.run()
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]

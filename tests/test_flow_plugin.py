@@ -433,3 +433,50 @@ def test_downscale_shrinks_the_vectors_with_the_field():
     assert small.shape == (2, 20, 40)
     assert torch.allclose(small[0], torch.full((20, 40), 0.25)) and torch.allclose(small[1], torch.full((20, 40), -0.125))
     assert modality.downscale(field, 80) is field
+
+
+def test_tar_shards_read_flow_members_through_the_modality(tmp_path):
+    """The first-party tar_shards source decodes a third-party modality's members with its own
+    read_bytes: held-out fields whole, training samples crop x crop windows of them."""
+    from atoken_core.tarshards import ShardError, write_shards
+    from atoken_flow import FlowConfig
+    from atoken_flow.flo import flo_bytes
+    from atoken_flow.flow import FlowModality
+    from atoken_modalities.shards import TarShardsConfig
+    from atoken_modalities.shards_impl import TarShards
+
+    modality = FlowModality(FlowConfig())
+    rng = np.random.default_rng(0)
+    fields = {f"{i:03d}": rng.uniform(-8, 8, size=(20, 30, 2)).astype(np.float32) for i in range(6)}
+    records = [(k, {"flo": flo_bytes(v)}) for k, v in fields.items()]
+    train = write_shards(records[:4], str(tmp_path / "train-%02d.tar"), 2)
+    held = write_shards(records[4:], str(tmp_path / "eval-%02d.tar"), 2)
+    config = TarShardsConfig(shards=train, eval_shards=held, modality="flow", crop=16)
+    assert config.media == [] and config.train_sample_shape() == (16, 16)
+    source = TarShards(config, modality=modality)
+    decoded = {k: modality.read_bytes(flo_bytes(v), f"{k}.flo") for k, v in fields.items()}
+    assert [n for n, _ in source.eval_samples()] == ["004.flo", "005.flo"]
+    assert all(torch.equal(x, decoded[n[:3]]) for n, x in source.eval_samples())
+    batch = source.train_batch(5, torch.Generator().manual_seed(1))
+    assert all(x.shape == (2, 16, 16) for x in batch)
+
+    def window_of(x, full):
+        return any(torch.equal(x, full[:, i : i + 16, j : j + 16]) for i in range(5) for j in range(15))
+
+    assert all(any(window_of(x, decoded[k]) for k in list(fields)[:4]) for x in batch)
+    again = source.train_batch(5, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(batch, again))  # a function of the generator
+    with pytest.raises(ShardError, match="no modality object"):
+        TarShards(config)
+    # a recipe's [data.flow] table of kind tar_shards gets the recipe's flow modality
+    from atoken_core.build import build_data, build_modality
+    from atoken_core.plugin_manager import get_registries
+    from atoken_core.recipe import load_recipe
+
+    regs = get_registries()
+    table = (f'{{kind = "tar_shards", shards = {json.dumps(train)}, eval_shards = {json.dumps(held)}, '
+             f'modality = "flow", crop = 16}}')
+    recipe = load_recipe(str(REPO / "plugins" / "atoken-flow" / "recipes" / "flow-tiny.toml"), regs,
+                         [f"data.flow={table}", "modality.flow.max_displacement=8.0"])
+    built = build_data(recipe, regs, "flow", build_modality(recipe, regs, "flow"))
+    assert isinstance(built, TarShards) and built.modality.scale == 8.0

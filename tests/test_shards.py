@@ -286,9 +286,9 @@ def test_a_rank_decodes_only_its_own_samples(flawed_shards, monkeypatch):
     decoded = []
     decode_ref = shards_impl.decode_ref
 
-    def counting(config, mode, ref, blobs, u):
+    def counting(config, mode, ref, blobs, u, modality=None):
         decoded.append(ref.key)
-        return decode_ref(config, mode, ref, blobs, u)
+        return decode_ref(config, mode, ref, blobs, u, modality)
 
     monkeypatch.setattr(shards_impl, "decode_ref", counting)
     single = TarShards(flawed_shards)

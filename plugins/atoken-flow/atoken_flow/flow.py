@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from atoken_core.interfaces import Modality, ModalityError, PatchSpec, Tokens
 from atoken_core.io import atomic_write_bytes
+from atoken_core.patching import patchify_plane, plane_grid, unpatchify_plane
 from atoken_core.sparse import Sparse4D
 from atoken_flow.flo import UNKNOWN_FLOW, flo_bytes, read_flo_bytes
 
@@ -128,12 +128,8 @@ class FlowModality(Modality):
         if x.shape[1] == 0 or x.shape[2] == 0:
             raise ModalityError(f"modality {self.name!r}, sample {index}: the field has zero size {tuple(x.shape[1:])}")
 
-    @staticmethod
-    def grid(height: int, width: int, patch: int) -> tuple[int, int]:
-        return math.ceil(height / patch), math.ceil(width / patch)
-
     def num_tokens(self, shape: Sequence[int], spec: PatchSpec) -> int:
-        gh, gw = self.grid(shape[-2], shape[-1], spec.patch_size)
+        gh, gw = plane_grid(shape[-2], shape[-1], spec.patch_size)
         return gh * gw
 
     def targets(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> list[torch.Tensor]:
@@ -142,38 +138,17 @@ class FlowModality(Modality):
         return list(samples)
 
     def patchify(self, samples: Sequence[torch.Tensor], spec: PatchSpec) -> Tokens:
-        """Features (gh * gw, p * p * 2) per field: one frame, channel-last inside each patch. The
-        model's ``spec`` counts RGB channels; this modality's width comes from its own channels."""
-        p = spec.patch_size
-        parts, meta = [], []
+        """Features (gh * gw, p * p * 2) per field: one frame, channel-last inside each patch, cut by
+        the core's plane patching (as images are). The model's ``spec`` counts RGB channels; this
+        modality's width comes from its own channels."""
+        parts = []
         for i, x in enumerate(samples):
             self._check(x, i)
-            h, w = x.shape[-2:]
-            gh, gw = self.grid(h, w, p)
-            pad = (0, gw * p - w, 0, gh * p - h)
-            if any(pad):
-                mode = self.config.pad_mode
-                if mode == "reflect" and (pad[1] >= w or pad[3] >= h):
-                    mode = "replicate"  # reflect needs the field to be larger than the pad
-                x = F.pad(x[None].float(), pad, mode=mode)[0]
-            patches = rearrange(x, "c (gh ph) (gw pw) -> (gh gw) (ph pw c)", ph=p, pw=p)
-            rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-            coords = torch.zeros(gh * gw, 4, dtype=torch.long)
-            coords[:, 1] = cols.flatten()  # x
-            coords[:, 2] = rows.flatten()  # y
-            parts.append(Sparse4D.single(patches, coords.to(x.device)))
-            meta.append({"height": int(h), "width": int(w), "grid": (gh, gw)})
-        return Tokens(Sparse4D.cat(parts), meta)
+            parts.append(patchify_plane(x.float(), spec.patch_size, self.config.pad_mode))
+        return Tokens(Sparse4D.cat([t for t, _ in parts]), [m for _, m in parts])
 
     def unpatchify(self, patches: Sparse4D, meta: list[dict[str, Any]], spec: PatchSpec) -> list[torch.Tensor]:
-        """Each sample's first ``p * p * 2`` values per token (its head emits ``t * p * p * 2``:
+        """Each field from its tokens' first ``p * p * 2`` values (its head emits ``t * p * p * 2``:
         one frame is a field), the padding cropped off."""
-        p = spec.patch_size
-        width = p * p * self.channels
-        out = []
-        for sample, m in zip(patches.split(), meta):
-            gh, gw = m["grid"]
-            frame = sample.features[:, :width]
-            x = rearrange(frame, "(gh gw) (ph pw c) -> c (gh ph) (gw pw)", gh=gh, gw=gw, ph=p, pw=p)
-            out.append(x[:, : m["height"], : m["width"]])
-        return out
+        return [unpatchify_plane(sample.features, m, spec.patch_size, self.channels)
+                for sample, m in zip(patches.split(), meta)]
