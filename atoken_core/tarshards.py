@@ -1,7 +1,8 @@
 """WebDataset-style tar shards as a container: brace patterns, an index of member offsets read
-from tar headers, ranged reads of a sample's members, and a writer. What a member holds is for a
-modality to decode (:meth:`~atoken_core.interfaces.Modality.read_bytes`); this module only finds
-and fetches the bytes."""
+from tar headers, ranged reads of a sample's members, and a writer; and the same index over a
+folder's files (:class:`FileIndex`: each file one sample), so folders stream through the same
+reader. What a member holds is for a modality to decode
+(:meth:`~atoken_core.interfaces.Modality.read_bytes`); this module only finds and fetches the bytes."""
 
 from __future__ import annotations
 
@@ -81,10 +82,11 @@ def _names(urls: Sequence[str], limit: int = 5) -> str:
 
 
 class Part(NamedTuple):
-    """Where one member's bytes lie inside its shard."""
+    """Where one member's bytes lie inside its shard (or inside ``url``, a file of its own)."""
 
     offset: int
     size: int
+    url: str | None = None
 
 
 #: one shard's samples in tar order: (key, {extension: Part})
@@ -160,10 +162,14 @@ class Ref:
     key: str
     ext: str
     parts: dict[str, Part]
+    #: members known as text already (a folder's captions.json entry), returned by read_parts as bytes
+    texts: dict[str, str] = attrs.field(factory=dict)
+    #: the sample is the whole file ``url`` (a folder's), not a member of a tar
+    whole_file: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.url}#{self.key}.{self.ext}"
+        return self.url if self.whole_file else f"{self.url}#{self.key}.{self.ext}"
 
 
 class ShardIndex:
@@ -212,16 +218,51 @@ class ShardIndex:
         return Ref(self.urls[s], key, ext, parts)
 
 
+class FileIndex:
+    """A folder's files as samples, each the whole of its file, with :class:`ShardIndex`'s
+    interface (``urls``, ``len``, ``index[i]`` -> :class:`Ref`): only paths and sizes are held,
+    the bytes are read when a sample is drawn."""
+
+    def __init__(self, root: str, suffixes: Sequence[str], captions: Sequence[str] | None = None) -> None:
+        fs, base = fsspec.core.url_to_fs(root)
+        if not fs.isdir(base):
+            raise ShardNotFound(f"{root}: folder not found")
+        base = base.rstrip("/")
+        ends = tuple(s.lower() for s in suffixes)
+        found = sorted((p, int(info.get("size") or 0)) for p, info in fs.find(base, detail=True).items()
+                       if p.lower().endswith(ends))
+        self.root = root
+        self.names = [p[len(base) + 1 :] if p.startswith(base + "/") else p.rsplit("/", 1)[-1] for p, _ in found]
+        self.urls = [url_of(fs, p) for p, _ in found]
+        self.sizes = np.asarray([size for _, size in found], dtype=np.int64)
+        if captions is not None and len(captions) != len(self.urls):
+            raise ShardError(f"{root}: {len(captions)} captions for {len(self.urls)} files")
+        self.captions = list(captions) if captions is not None else None
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def __getitem__(self, i: int) -> Ref:
+        name = self.names[i]
+        stem, _, ext = name.rpartition(".")
+        texts = {"caption": self.captions[i]} if self.captions is not None else {}
+        return Ref(self.urls[i], stem, ext.lower(), {"media": Part(0, int(self.sizes[i]))}, texts, whole_file=True)
+
+
 def read_parts(ref: Ref) -> dict[str, bytes]:
-    """The bytes of a sample's members, each by one ranged read."""
+    """The bytes of a sample's members, each by one ranged read (the whole file for a folder's)."""
     fs, path = fsspec.core.url_to_fs(ref.url)
-    out = {}
+    out = {role: text.encode("utf-8") for role, text in ref.texts.items()}
     for role, part in ref.parts.items():
+        where = path if part.url is None else fsspec.core.url_to_fs(part.url)[1]
         try:
-            data = fs.cat_file(path, start=part.offset, end=part.offset + part.size)
+            data = fs.cat_file(where) if ref.whole_file else fs.cat_file(where, start=part.offset,
+                                                                         end=part.offset + part.size)
         except FileNotFoundError:
-            raise ShardError(f"{ref.name}: shard not found") from None
-        if len(data) != part.size:
+            raise ShardError(f"{ref.name}: {'file' if ref.whole_file else 'shard'} not found") from None
+        except (IsADirectoryError, PermissionError) as err:
+            raise ShardError(f"{ref.name}: cannot read: {err}") from None
+        if not ref.whole_file and len(data) != part.size:
             raise ShardError(f"{ref.name}: truncated member ({role}: {len(data)} of {part.size} bytes)")
         out[role] = data
     return out

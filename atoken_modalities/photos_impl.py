@@ -12,7 +12,6 @@ import fsspec
 import torch
 
 from atoken_core.imaging import resize_within
-from atoken_core.io import url_of
 from atoken_core.interfaces import DataSource
 from atoken_modalities.image_impl import ImageError, load_image
 
@@ -112,15 +111,6 @@ class PackagedPhotos(CropSource):
         super().__init__(train, evals, config.crop, captions=captions)
 
 
-def list_images(root: str, extensions: list[str]) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(root)
-    if not fs.exists(path):
-        raise ImageError(f"{root}: folder not found")
-    exts = tuple(e.lower() for e in extensions)
-    files = sorted(f for f in fs.find(path) if f.lower().endswith(exts))
-    return [url_of(fs, f) for f in files]
-
-
 def folder_captions(root: str, uris: list[str], error: type[ValueError]) -> list[str]:
     """The captions of files under ``root`` (captions.json or STEM.txt, as ``atoken eval`` reads
     them); a missing one is an ``error`` naming the files."""
@@ -135,23 +125,37 @@ def folder_captions(root: str, uris: list[str], error: type[ValueError]) -> list
         raise error(str(err)) from None
 
 
-class ImageFolder(CropSource):
-    def __init__(self, config: Any) -> None:
-        train, kept, skipped = [], [], []
-        for path in list_images(config.root, config.extensions):
-            try:
-                train.append(load_image(path))
-                kept.append(path)
-            except ImageError as err:
-                skipped.append(str(err))
-        evals = []
-        for path in list_images(config.eval_root, config.extensions):
-            try:
-                evals.append((basename(path), load_image(path)))
-            except ImageError as err:
-                skipped.append(str(err))
-        self.skipped = skipped
-        if skipped:
-            log.warning("skipped %d unreadable image(s), first: %s", len(skipped), "; ".join(skipped[:3]))
-        captions = folder_captions(config.root, kept, ImageError) if config.captions else None
-        super().__init__(train, evals, config.crop, captions=captions)
+def folder_stream(config: Any, modality: str, error: type[ValueError], **settings: Any) -> Any:
+    """A folder source that streams: an index of the training and held-out files (paths and sizes
+    only), each drawn sample read and decoded on demand (in ``config.workers`` processes), through
+    the tar-shard reader with a folder's files as its samples, so batches are a function of the
+    step's generator alone and unreadable files are skipped and counted as in shards."""
+    from atoken_core.tarshards import FileIndex, ShardError
+    from atoken_modalities.shards import TarShardsConfig
+    from atoken_modalities.shards_impl import TarShards
+
+    media = [e.lower().lstrip(".") for e in config.extensions]
+    try:
+        train = FileIndex(config.root, config.extensions)
+        held = FileIndex(config.eval_root, config.extensions)
+    except ShardError as err:
+        raise error(str(err)) from None
+    for what, index in (("training", train), ("held-out", held)):
+        if not len(index):
+            raise error(f"{index.root}: the {what} set is empty: no files ending in {', '.join(config.extensions)}")
+    if config.captions:
+        train.captions = folder_captions(config.root, train.urls, error)
+    shards = TarShardsConfig(shards=[], eval_shards=[], modality=modality, media=media, crop=config.crop,
+                             caption="txt" if config.captions else "", label="", workers=config.workers,
+                             prefetch=config.prefetch, **settings)
+    try:
+        source = TarShards(shards, indexes=(train, held), label=f"{modality} folder {config.root}")
+    except ShardError as err:
+        raise error(str(err)) from None
+    return source
+
+
+def image_folder(config: Any) -> Any:
+    """Every image under ``root`` (random crops with flips) and ``eval_root`` (held out, whole),
+    streamed (:func:`folder_stream`)."""
+    return folder_stream(config, "image", ImageError)

@@ -87,6 +87,6 @@ class TarShardsConfig:
 def atoken_data() -> list[Component]:
     return [
         Component("tar_shards", "atoken_modalities.shards_impl:TarShards", TarShardsConfig,
-                  "WebDataset-style tar shards (fsspec, brace patterns) of images, videos or meshes with "
-                  "captions/labels; ranged reads, resumable at any step, decoded by worker processes"),
+                  "WebDataset-style tar shards (fsspec, brace patterns) of images, videos, meshes or any modality's "
+                  "files, with captions/labels; ranged reads, resumable at any step, decoded by worker processes"),
     ]

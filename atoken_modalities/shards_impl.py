@@ -242,8 +242,13 @@ class TarShards(DataSource):
     held-out sample names to their class labels (after :meth:`eval_samples`); ``prefetch_hits``
     counts batches found already decoding."""
 
-    def __init__(self, config: Any, modality: Any = None) -> None:
+    def __init__(self, config: Any, modality: Any = None, *, indexes: tuple[Any, Any] | None = None,
+                 label: str = "tar_shards") -> None:
+        """``indexes``: the (training, held-out) sample indexes when they are not the shards the
+        config lists (a folder's files: :class:`atoken_core.tarshards.FileIndex`); ``label`` names
+        the source in its log lines."""
         self.config = config
+        self.label = label
         # The first-party modalities are decoded (and augmented) here; any other reads its members
         # itself (None for the first-party ones: decoding them needs no modality object).
         self.modality = None if config.modality in DEFAULT_MEDIA else modality
@@ -262,14 +267,17 @@ class TarShards(DataSource):
         self._pending: OrderedDict[tuple[int, bytes], _Pending] = OrderedDict()
         self._evals: list[tuple[str, Any]] | None = None
         c = config
-        self.index = ShardIndex(resolve_shards(c.shards), media, c.caption, c.label, self._report)
-        self.eval_index = ShardIndex(resolve_shards(c.eval_shards), media, c.caption, c.label, self._report)
-        for what, index in (("training", self.index), ("held-out", self.eval_index)):
-            if not index.urls:
-                raise ShardError(f"no {what} shards listed")
-            if not len(index):
-                raise ShardError(f"the {what} shards hold no sample with a {'/'.join(media)} member: "
-                                 f"{_names(index.urls)}" + self._first_errors())
+        if indexes is None:
+            self.index = ShardIndex(resolve_shards(c.shards), media, c.caption, c.label, self._report)
+            self.eval_index = ShardIndex(resolve_shards(c.eval_shards), media, c.caption, c.label, self._report)
+            for what, index in (("training", self.index), ("held-out", self.eval_index)):
+                if not index.urls:
+                    raise ShardError(f"no {what} shards listed")
+                if not len(index):
+                    raise ShardError(f"the {what} shards hold no sample with a {'/'.join(media)} member: "
+                                     f"{_names(index.urls)}" + self._first_errors())
+        else:
+            self.index, self.eval_index = indexes
         self._probe()
 
     # -------------------------------------------------------------- bookkeeping
@@ -282,7 +290,7 @@ class TarShards(DataSource):
         if len(self.skipped) < KEEP_SKIPPED:
             self.skipped.append(message)
         if self._skip_count <= KEEP_SKIPPED or math.log10(self._skip_count).is_integer():
-            log.warning("tar_shards: skipped unreadable data (%d so far): %s", self._skip_count, message)
+            log.warning("%s: skipped unreadable data (%d so far): %s", self.label, self._skip_count, message)
 
     def _first_errors(self) -> str:
         return f"; first errors: {'; '.join(self.skipped[:3])}" if self.skipped else ""

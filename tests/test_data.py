@@ -14,7 +14,7 @@ from atoken_core.train import step_generator
 from atoken_modalities.image import ImageConfig
 from atoken_modalities.image_impl import ImageError, ImageModality, load_image, save_image
 from atoken_modalities.photos import ImageFolderConfig, PackagedPhotosConfig
-from atoken_modalities.photos_impl import ImageFolder, PackagedPhotos, resolve_package_path
+from atoken_modalities.photos_impl import PackagedPhotos, image_folder as ImageFolder, resolve_package_path
 
 SPEC = PatchSpec(16, 4, 3)
 
@@ -45,20 +45,29 @@ def test_image_folder_over_memory_fs_skips_and_reports_bad_files(memfs, caplog):
     memfs.pipe("/atoken-test/eval/e.png", png_bytes(33, 17, "RGBA"))
     source = ImageFolder(ImageFolderConfig(root="memory://atoken-test/train", eval_root="memory://atoken-test/eval",
                                            crop=24))
-    assert len(source.train) == 3 and len(source.skipped) == 1 and "broken.png" in source.skipped[0]
-    assert "skipped 1 unreadable image" in caplog.text
+    # streaming: an index of the 4 files, nothing decoded but the first readable one (a probe)
+    assert len(source) == 4 and source.n_skipped == 0
     (name, x), = source.eval_samples()
     assert name == "e.png" and x.shape == (3, 17, 33)
-    batch = source.train_batch(5, step_generator(0, 1))
-    assert [tuple(b.shape) for b in batch] == [(3, 24, 24)] * 5
-    again = source.train_batch(5, step_generator(0, 1))
+    batch = source.train_batch(12, step_generator(0, 1))
+    assert [tuple(b.shape) for b in batch] == [(3, 24, 24)] * 12
+    assert source.n_skipped == 1 and "broken.png" in source.skipped[0]  # drawn, replaced, counted once
+    assert "image folder memory://atoken-test/train: skipped unreadable data (1 so far)" in caplog.text
+    again = source.train_batch(12, step_generator(0, 1))
     assert all(torch.equal(a, b) for a, b in zip(batch, again)), "a step's batch depends only on (seed, step)"
+    assert source.n_skipped == 1
+    part, _ = source.train_batch_part(12, step_generator(0, 1), 1, 2)  # a data-parallel rank's slice
+    assert len(part) == 6 and all(torch.equal(a, b) for a, b in zip(part, batch[1::2]))
+    reference = [load_image(f"memory://atoken-test/train/{i}.png") for i in range(3)]
+    for crop in batch:  # every crop (maybe flipped) is a window of a readable training image
+        assert any(torch.equal(img[:, i : i + 24, j : j + 24], c) for img in reference
+                   for i in range(img.shape[1] - 23) for j in range(img.shape[2] - 23) for c in (crop, crop.flip(-1)))
 
 
 def test_empty_folder_is_a_clear_error(memfs):
     memfs.pipe("/atoken-test/eval/e.png", png_bytes(8, 8))
     memfs.mkdir("/atoken-test/train")
-    with pytest.raises(ImageError, match="training set is empty"):
+    with pytest.raises(ImageError, match="the training set is empty"):
         ImageFolder(ImageFolderConfig(root="memory://atoken-test/train", eval_root="memory://atoken-test/eval"))
     with pytest.raises(ImageError, match="nowhere: folder not found"):
         ImageFolder(ImageFolderConfig(root="memory://nowhere", eval_root="memory://atoken-test/eval"))
@@ -131,3 +140,17 @@ def test_image_folder_reads_training_captions(memfs):
         windows = reference[text].unfold(1, 16, 1).unfold(2, 16, 1)  # (C, 5, 5, 16, 16)
         assert any(torch.equal(windows[:, i, j], c) for i in range(5) for j in range(5) for c in (crop, crop.flip(-1)))
     assert ImageFolder(ImageFolderConfig(**{**config, "captions": False})).train_batch_texts(2, step_generator(0, 0))[1] is None
+
+
+def test_image_folder_decodes_in_worker_processes_to_the_same_batches(memfs):
+    for i in range(4):
+        memfs.pipe(f"/atoken-test/train/{i}.png", png_bytes(40, 36, seed=i))
+    memfs.pipe("/atoken-test/eval/e.png", png_bytes(20, 20))
+    config = dict(root="memory://atoken-test/train", eval_root="memory://atoken-test/eval", crop=24)
+    here = ImageFolder(ImageFolderConfig(**config)).train_batch(6, step_generator(3, 7))
+    workers = ImageFolder(ImageFolderConfig(**config, workers=1))
+    try:
+        there = workers.train_batch(6, step_generator(3, 7))
+    finally:
+        workers.close()
+    assert all(torch.equal(a, b) for a, b in zip(here, there))
