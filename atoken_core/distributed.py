@@ -150,6 +150,17 @@ def mean_over_ranks(values: list[float], env: DistEnv) -> list[float]:
     return (t / env.world).tolist()
 
 
+def mean_over_ranks_tensor(values: torch.Tensor, env: DistEnv) -> list[torch.Tensor]:
+    """The ranks' mean of each entry of ``values`` (one all-reduce, no host read), as 0-d tensors."""
+    if env.distributed:
+        import torch.distributed as dist
+
+        values = values.clone()
+        dist.all_reduce(values)
+        values = values / env.world
+    return list(values.unbind())
+
+
 def all_true(flag: bool, env: DistEnv) -> bool:
     if not env.distributed:
         return flag

@@ -107,12 +107,13 @@ class AttentionGroups:
         n = tokens.uniform_length()
         if n is not None:
             return cls(n)
-        starts, lengths = tokens.cu_seqlens[:-1], tokens.lengths
+        starts, lengths = tokens.offsets[:-1], tokens.host_lengths()
+        device = tokens.cu_seqlens.device
         rows = []
-        for length in lengths.unique().tolist():
+        for length in sorted(set(lengths)):
             if length:
-                first = starts[lengths == length]
-                rows.append((length, first[:, None] + torch.arange(length, device=first.device)))
+                first = torch.tensor([a for a, n in zip(starts, lengths) if n == length], device=device)
+                rows.append((length, first[:, None] + torch.arange(length, device=device)))
         return cls(None, tuple(rows))
 
 
@@ -345,12 +346,16 @@ class AToken(nn.Module):
         grid_ggd = rearrange(table_nd, "(h w) d -> h w d", h=g, w=g)
         x_l, y_l = tokens.coords[:, 1], tokens.coords[:, 2]
         out = table_nd.new_empty(tokens.num_tokens, table_nd.shape[1])
-        bounds = tokens.cu_seqlens.tolist()
+        bounds = tokens.offsets
+        # every sample's grid size in one device reduction and one host read
+        ids = tokens.sample_ids()
+        extent_b2 = torch.zeros(tokens.batch_size, 2, dtype=torch.long, device=ids.device)
+        extent_b2.scatter_reduce_(0, ids[:, None].expand(-1, 2), torch.stack([y_l, x_l], 1), "amax")
+        extents = (extent_b2 + 1).tolist()
         resized: dict[tuple[int, int], torch.Tensor] = {}  # samples of one shape share a resize
-        for a, b in itertools.pairwise(bounds):
+        for (a, b), (rows, cols) in zip(itertools.pairwise(bounds), extents):
             if a == b:
                 continue
-            rows, cols = int(y_l[a:b].max()) + 1, int(x_l[a:b].max()) + 1
             if (rows, cols) not in resized:
                 resized[rows, cols] = resize_pos_embed(grid_ggd, rows, cols)
             out[a:b] = resized[rows, cols][y_l[a:b], x_l[a:b]]
@@ -470,6 +475,12 @@ class AToken(nn.Module):
         without W_s), for image-text similarity; not normalised."""
         pooled = self.pool(features, tokens)
         return pooled if self.semantic_proj is None else self.semantic_proj(pooled)
+
+    def no_weight_decay(self) -> set[str]:
+        """Matrices that weight decay would only pull towards zero without regularising anything:
+        learned position grids and the pooling probe (a query, not a map)."""
+        names = {"pos_embed", "decoder_pos_embed", "pool_head.probe"}
+        return {n for n, _ in self.named_parameters() if n in names}
 
     def add_stem(self, name: str, channels: int) -> None:
         """Give modality ``name`` its own patch embedding for ``channels``-channel pixels (the

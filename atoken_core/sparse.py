@@ -2,7 +2,10 @@
 
 Samples of different sizes (an image of 12 tokens, another of 1080) are concatenated along
 one token axis; ``cu_seqlens`` (cumulative lengths, as flash-attention's varlen API uses)
-says where each sample starts, so nothing is padded.
+says where each sample starts, so nothing is padded. A host copy of ``cu_seqlens`` (``offsets``)
+travels with it, so packing decisions (equal lengths? where does each sample start?) never read
+a GPU tensor: the one read happens when a batch is built on the device, none when a CPU batch
+is moved there.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ class Sparse4D:
     features: torch.Tensor  # (L, C)
     coords: torch.Tensor  # (L, 4) int64, columns [t, x, y, z]
     cu_seqlens: torch.Tensor  # (B + 1,) int64, cu_seqlens[0] = 0, cu_seqlens[-1] = L
+    #: ``cu_seqlens`` on the host (read from it when not given)
+    offsets: tuple[int, ...] = attrs.field(default=None, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         L = self.features.shape[0]
@@ -29,26 +34,27 @@ class Sparse4D:
             raise ValueError(f"coords must be ({L}, 4), got {tuple(self.coords.shape)}")
         if self.coords.dtype.is_floating_point:
             raise ValueError("coords must be integer grid positions")
-        if self.cu_seqlens.ndim != 1 or int(self.cu_seqlens[0]) != 0 or int(self.cu_seqlens[-1]) != L:
-            raise ValueError(f"cu_seqlens must run from 0 to {L}, got {self.cu_seqlens.tolist()}")
+        if self.cu_seqlens.ndim != 1:
+            raise ValueError(f"cu_seqlens must be (B + 1,), got shape {tuple(self.cu_seqlens.shape)}")
+        if self.offsets is None:
+            object.__setattr__(self, "offsets", tuple(self.cu_seqlens.tolist()))
+        if len(self.offsets) != self.cu_seqlens.numel() or self.offsets[0] != 0 or self.offsets[-1] != L:
+            raise ValueError(f"cu_seqlens must run from 0 to {L}, got {list(self.offsets)}")
 
     @classmethod
     def single(cls, features: torch.Tensor, coords: torch.Tensor) -> Sparse4D:
         cu = torch.tensor([0, features.shape[0]], dtype=torch.long, device=features.device)
-        return cls(features, coords.long(), cu)
+        return cls(features, coords.long(), cu, (0, features.shape[0]))
 
     @classmethod
     def cat(cls, samples: Sequence[Sparse4D]) -> Sparse4D:
         if not samples:
             raise ValueError("cannot pack an empty list of samples")
-        lengths = torch.cat([s.lengths for s in samples])
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.long, device=lengths.device)
-        cu[1:] = torch.cumsum(lengths, 0)
-        return cls(
-            torch.cat([s.features for s in samples]),
-            torch.cat([s.coords for s in samples]),
-            cu,
-        )
+        offsets = [0]
+        for s in samples:
+            offsets += [offsets[-1] + n for n in s.host_lengths()]
+        cu = torch.tensor(offsets, dtype=torch.long, device=samples[0].cu_seqlens.device)
+        return cls(torch.cat([s.features for s in samples]), torch.cat([s.coords for s in samples]), cu, tuple(offsets))
 
     @classmethod
     def pack(cls, samples: Sequence[Sparse4D]) -> Sparse4D:
@@ -73,20 +79,23 @@ class Sparse4D:
 
     def sample_ids(self) -> torch.Tensor:
         """(L,) index of the sample each token belongs to."""
-        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.features.device), self.lengths)
+        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.features.device), self.lengths,
+                                       output_size=self.num_tokens)  # a known size: no device read
+
+    def host_lengths(self) -> list[int]:
+        """Tokens per sample, from the host copy (no device read)."""
+        return [b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
     def uniform_length(self) -> int | None:
         """The common length if every sample has the same number of tokens, else None."""
-        lengths = self.lengths
-        if lengths.numel() and bool((lengths == lengths[0]).all()):
-            return int(lengths[0])
-        return None
+        lengths = self.host_lengths()
+        return lengths[0] if lengths and all(n == lengths[0] for n in lengths) else None
 
     def to(self, device: torch.device | str) -> Sparse4D:
-        return Sparse4D(self.features.to(device), self.coords.to(device), self.cu_seqlens.to(device))
+        return Sparse4D(self.features.to(device), self.coords.to(device), self.cu_seqlens.to(device), self.offsets)
 
     def with_features(self, features: torch.Tensor) -> Sparse4D:
-        return Sparse4D(features, self.coords, self.cu_seqlens)
+        return Sparse4D(features, self.coords, self.cu_seqlens, self.offsets)
 
     def chunk_time(self, chunk: int) -> Sparse4D:
         """Every sample cut into runs of ``chunk`` time steps (``t // chunk``), each run packed
@@ -112,7 +121,7 @@ class Sparse4D:
         return Sparse4D(self.features, coords, cu)
 
     def split(self) -> list[Sparse4D]:
-        bounds = self.cu_seqlens.tolist()
+        bounds = self.offsets
         return [
             Sparse4D.single(self.features[a:b], self.coords[a:b]) for a, b in zip(bounds[:-1], bounds[1:])
         ]

@@ -23,13 +23,12 @@ from atoken_core.distributed import (
     DistEnv,
     all_true,
     apply_to_full_model,
-    as_float,
     average_gradients,
     barrier,
     build_sharded,
     full_state_dict,
     init_distributed,
-    mean_over_ranks,
+    mean_over_ranks_tensor,
 )
 from atoken_core.ema import EMA
 from atoken_core.errors import UserError
@@ -67,6 +66,9 @@ class Run:
         self.out = out_dir.rstrip("/")
         self.fs, self.out_path = fsspec.core.url_to_fs(self.out)
         self.env: DistEnv = init_distributed()
+        if self.env.device.type == "cuda":  # TF32 matmuls and convolutions for what runs in fp32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.progress = progress and recipe.log.progress and self.env.is_main
         torch.manual_seed(recipe.seed)
         self.curriculum = build_component(recipe.curriculum, "curriculum", registries)
@@ -98,16 +100,19 @@ class Run:
 
     # ------------------------------------------------------------------ setup
     def _optimizer(self) -> torch.optim.Optimizer:
-        """AdamW with four groups: (encoder | rest) x (decayed matrices | undecayed vectors). The
-        encoder's learning rate is scaled by optim.encoder_lr_scale (the paper: 0.1x for the
-        pretrained SigLIP2 encoder)."""
+        """AdamW with four groups: (encoder | rest) x (decayed matrices | undecayed vectors, learned
+        positions and the pooling probe, as timm's ``no_weight_decay``). The encoder's learning
+        rate is scaled by optim.encoder_lr_scale (the paper: 0.1x for the pretrained SigLIP2
+        encoder)."""
         from atoken_core.siglip2 import ENCODER_MODULES
 
         o = self.recipe.optim
+        keep = self.model.no_weight_decay()
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                groups.setdefault((name.split(".", 1)[0] in ENCODER_MODULES, p.ndim >= 2), []).append(p)
+                decay = p.ndim >= 2 and name not in keep
+                groups.setdefault((name.split(".", 1)[0] in ENCODER_MODULES, decay), []).append(p)
         param_groups = [{"params": params, "weight_decay": o.weight_decay if decay else 0.0,
                          "lr_scale": o.encoder_lr_scale if encoder else 1.0}
                         for (encoder, decay), params in sorted(groups.items())]
@@ -227,57 +232,68 @@ class Run:
             optimizer.zero_grad(set_to_none=True)
         gen = step_generator(self.recipe.seed, step)
         schedule = self.curriculum.modality_schedule(plan, step)
-        terms: dict[str, float] = {}
-        total_value = 0.0
-        finite = True
         env, device = self.env, self.env.device
+        # Loss values stay on the device: the step reads the host once, for the one decision it
+        # needs (is everything finite?), and the logged values are read when they are logged.
+        terms: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=device)
         # W_s(pool(features)) only when a loss reads it (Loss.needs_semantic; a plugin's loss that
         # does not subclass Loss reads none)
         semantic = any(getattr(fn, "needs_semantic", False) for _, fn in self.losses)
-        for name in schedule:
+        for i, name in enumerate(schedule):
+            if env.distributed:  # FSDP2 reduce-scatters the accumulated gradients once, after the last micro-step
+                self.model.set_requires_gradient_sync(i == len(schedule) - 1)
             modality, source = self.modalities[name], self.data[name]
             # The global batch is drawn identically on every rank; each takes its own slice.
             samples, texts = source.train_batch_part(plan.batch_size, gen, env.rank, env.world)
             tokens = modality.patchify(samples, self.model.spec)
+            # the perceptual networks and the teacher run under the recipe's mixed precision too
             with self._autocast():
                 out = self.model.forward_all(tokens.patches.to(device), head=modality_head(self.model, modality),
                                              semantic=semantic)
-            recons = modality.unpatchify(tokens.patches.with_features(out.recon.float()), tokens.meta, self.model.spec)
-            target = torch.stack(modality.targets(samples, self.model.spec)).to(device)
-            inputs = LossInputs(name, target, torch.stack(recons), out.bottleneck, semantic=out.semantic, texts=texts)
-            loss = target.new_zeros(())
-            for spec, fn in self.losses:
-                if spec.modalities is not None and name not in spec.modalities:
-                    continue
-                for term, value in fn(inputs).items():
-                    loss = loss + spec.weight * value
-                    terms[f"{name}/{term}"] = float(value.detach())
-            if not all_true(bool(torch.isfinite(loss)), env):
-                finite = False
-                break
+                recons = modality.unpatchify(tokens.patches.with_features(out.recon.float()), tokens.meta,
+                                             self.model.spec)
+                target = torch.stack(modality.targets(samples, self.model.spec)).to(device)
+                inputs = LossInputs(name, target, torch.stack(recons), out.bottleneck, semantic=out.semantic,
+                                    texts=texts)
+                loss = target.new_zeros(())
+                for spec, fn in self.losses:
+                    if spec.modalities is not None and name not in spec.modalities:
+                        continue
+                    for term, value in fn(inputs).items():
+                        loss = loss + spec.weight * value.float()
+                        terms[f"{name}/{term}"] = value.detach().float()
             loss = loss * plan.weights.get(name, 1.0)
-            (loss / len(schedule)).backward()
-            total_value += float(loss.detach()) / len(schedule)
-        grad_norm = 0.0
+            (loss / len(schedule)).backward()  # a non-finite loss is caught below, once per step
+            total = total + loss.detach().float() / len(schedule)
+        # clip_grad_norm_ of non-finite gradients is non-finite too: one check covers both
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip
+                                              if self.recipe.optim.grad_clip > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the global norm
+        finite = all_true(bool(torch.isfinite(total) & torch.isfinite(norm)), env)
         if finite:
-            if self.recipe.optim.grad_clip > 0:
-                grad_norm = as_float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.grad_clip))
-            if math.isfinite(grad_norm):
-                # FSDP2 averaged the model's gradients over the ranks; the losses' are averaged here
-                average_gradients(list(self.loss_params.values()), env)
-                for optimizer in self._optimizers():
-                    optimizer.step()
-                self.ema.update(self.model)
-            else:
-                finite = False
-        if not finite:
+            # FSDP2 averaged the model's gradients over the ranks; the losses' are averaged here
+            average_gradients(list(self.loss_params.values()), env)
+            for optimizer in self._optimizers():
+                optimizer.step()
+            self.ema.update(self.model)
+        else:
             for optimizer in self._optimizers():
                 optimizer.zero_grad(set_to_none=True)
-        # Every rank saw its own slice: log the global-batch means.
+        # Every rank saw its own slice: the logged values are the global batch's means.
         keys = sorted(terms)
-        averaged = mean_over_ranks([total_value, *(terms[k] for k in keys)], env)
-        total_value, terms = averaged[0], dict(zip(keys, averaged[1:]))
-        return {"stage": plan.name, "loss": total_value, **terms, "lr": lr, "grad_norm": grad_norm, "finite": finite}
+        values = mean_over_ranks_tensor(torch.stack([total, *(terms[k] for k in keys)]), env)
+        return {"stage": plan.name, "values": dict(zip(["loss", *keys], values)), "lr": lr,
+                "grad_norm": norm.detach().float() if self.recipe.optim.grad_clip > 0 else None, "finite": finite}
+
+    @staticmethod
+    def log_row(step: int, row: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """A step's metrics.jsonl row: its device values read to the host in one transfer."""
+        names = list(row["values"]) + (["grad_norm"] if row["grad_norm"] is not None else [])
+        tensors = list(row["values"].values()) + ([row["grad_norm"]] if row["grad_norm"] is not None else [])
+        read = dict(zip(names, torch.stack(tensors).double().cpu().tolist()))
+        return {"step": step, "stage": row["stage"], "loss": read.pop("loss"), **read, "lr": row["lr"],
+                "grad_norm": read.pop("grad_norm", 0.0), "seconds": round(seconds, 3)}
 
     # ------------------------------------------------------------------ main loop
     def run(self, resume: bool = False, create_parents: bool = False) -> dict[str, Any]:
@@ -341,9 +357,9 @@ class Run:
                     streak = 0
                 done = step + 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if done % self.recipe.log.every == 0 or done == self.total_steps:
-                    pending.append({"step": done, **row, "seconds": round(time.perf_counter() - t0, 3)})
+                    pending.append(self.log_row(done, row, time.perf_counter() - t0))
+                    bar.set_postfix(loss=f"{pending[-1]['loss']:.4f}")
                 every = self.recipe.eval.every
                 if every and done % every == 0 and done != self.total_steps:
                     self.log.evaluation(done, self.heldout.evaluate())

@@ -157,6 +157,20 @@ def test_encoder_learning_rate_scale(registries, tmp_path):
         assert {p.ndim >= 2 for p in group["params"]} == {group["weight_decay"] > 0}
 
 
+def test_positions_and_the_pooling_probe_take_no_weight_decay(registries, tmp_path):
+    from atoken_core.train import Run
+
+    recipe = load_recipe(str(ROOT / "recipes" / "tiny.toml"), registries, [
+        "model.flavor=\"test-siglip\"", "data.image.video_frames=0", "optim.weight_decay=0.05",
+        "data.image.train=[\"pkg://skimage/data/astronaut.png\"]"])
+    run = Run(recipe, registries, str(tmp_path / "r"), progress=False)
+    params = dict(run.model.named_parameters())
+    assert {"pos_embed", "pool_head.probe"} <= set(params) and params["pos_embed"].ndim == 2
+    decay = {id(p): group["weight_decay"] for group in run.optimizer.param_groups for p in group["params"]}
+    assert decay[id(params["pos_embed"])] == 0 and decay[id(params["pool_head.probe"])] == 0
+    assert decay[id(params["encoder.0.attn.qkv.weight"])] == 0.05
+
+
 def test_generic_loss_fields_are_checked_like_the_rest(registries):
     assert problems_of(edited(loss__0__weight='"x"'), registries) == ["loss[0].weight: expected float, got 'x'"]
     assert problems_of(edited(loss__1__modalities='"image"'), registries) == [

@@ -79,3 +79,27 @@ def test_sharded_checkpoint_cannot_be_resumed_by_one_process(runs, cache, tmp_pa
     shutil.copytree(runs / "two", out)
     proc = atoken("run", TINY, "--out", str(out), "--no-progress", "--resume", *SETS, cache=cache, check=False)
     assert proc.returncode == 1 and "a sharded checkpoint; resume it under torchrun" in proc.stderr
+
+
+def test_round_robin_reduces_gradients_once_per_optimiser_step(tmp_path, cache):
+    """Two modalities accumulate into one optimiser step; FSDP2 reduce-scatters each unit's
+    gradients once per step (after the last micro-step), not once per micro-step."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "collectives.json"
+    sets = ["model.flavor=test", "model.latent_dim=8", "data.image.crop=32", "data.video.crop=32",
+            "data.video.frames=2", "data.video.max_side=64", 'loss=[{kind="l1"}]',
+            'stage=[{name="both", steps=2, batch_size=2, modalities=["image", "video"]}]']
+    env = {**os.environ, "ATOKEN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    str(root / "tests" / "collectives_script.py"), str(out), str(root / "recipes" / "tiny-video.toml"),
+                    *sets], check=True, cwd=root, env=env, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    for step in report["steps"]:
+        assert step["finite"] and step["micro_steps"] == 2
+        # one reduce-scatter per FSDP unit (each block and the root), whatever the micro-steps
+        assert step["reduce_scatters"] == report["units"], report

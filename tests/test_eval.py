@@ -18,9 +18,9 @@ from atoken_core.metrics import codebook_usage, feature_stats, frechet_distance,
 from atoken_modalities.photos_impl import resolve_package_path
 
 
-def make_checkpoint(path: Path, recipe_file: str, overrides: list[str], seed: int = 0) -> str:
-    """A freshly initialised model of ``recipe_file`` (with ``overrides``) saved as a step-0
-    checkpoint, as the trainer saves one: no training, real weights, real recipe metadata."""
+def make_checkpoint(path: Path, recipe_file: str, overrides: list[str], seed: int = 0, step: int = 0) -> str:
+    """A freshly initialised model of ``recipe_file`` (with ``overrides``) saved as a checkpoint of
+    ``step``, as the trainer saves one: no training, real weights, real recipe metadata."""
     from atoken_core.build import build_model
     from atoken_core.checkpoint import save_checkpoint
     from atoken_core.plugin_manager import get_registries
@@ -30,7 +30,7 @@ def make_checkpoint(path: Path, recipe_file: str, overrides: list[str], seed: in
     recipe = load_recipe(recipe_file, registries, overrides)
     torch.manual_seed(seed)
     model = build_model(recipe, registries)
-    save_checkpoint(str(path), model, recipe=recipe_to_dict(recipe), step=0, stage=0)
+    save_checkpoint(str(path), model, recipe=recipe_to_dict(recipe), step=step, stage=0)
     return str(path)
 
 

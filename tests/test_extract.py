@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from test_eval import make_checkpoint as make_recipe_checkpoint
 
 from atoken_core.cli import main
 from atoken_core.extract import combine_moments, is_batch_input, load_latents, rank_shards
@@ -29,18 +30,8 @@ SIZES = {"a.png": (32, 48), "b.png": (40, 40), "sub/c.png": (33, 47), "d.png": (
 
 
 def make_checkpoint(path: Path, overrides: list[str], seed: int = 0) -> str:
-    """A freshly initialised model of the tiny recipe at test size, saved as the trainer saves one."""
-    from atoken_core.build import build_model
-    from atoken_core.checkpoint import save_checkpoint
-    from atoken_core.plugin_manager import get_registries
-    from atoken_core.recipe import load_recipe, recipe_to_dict
-
-    registries = get_registries()
-    recipe = load_recipe(TINY, registries, overrides)
-    torch.manual_seed(seed)
-    model = build_model(recipe, registries)
-    save_checkpoint(str(path), model, recipe=recipe_to_dict(recipe), step=7, stage=0)
-    return str(path)
+    """A freshly initialised model of the tiny recipe at test size, saved as a step-7 checkpoint."""
+    return make_recipe_checkpoint(path, TINY, overrides, seed, step=7)
 
 
 def png_bytes(h: int, w: int, seed: int) -> bytes:
