@@ -256,14 +256,22 @@ class AttentionPool(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, width))
 
     def forward(self, x_ld: torch.Tensor, tokens: Sparse4D) -> torch.Tensor:
-        """(L, D) features of a packed batch -> (B, D), one vector per sample."""
-        b = tokens.batch_size
-        ids = tokens.sample_ids()
-        # One query per sample, all in one attention call: True marks a forbidden (query, key) pair.
-        blocked_bl = torch.arange(b, device=ids.device)[:, None] != ids[None, :]
-        probes = self.probe.expand(1, b, -1)  # (1, B, D): a batch of one with B query positions
-        keys = x_ld[None]
-        pooled = self.attention(probes, keys, keys, attn_mask=blocked_bl, need_weights=False)[0][0]
+        """(L, D) features of a packed batch -> (B, D), one vector per sample. Samples of one
+        length attend in one batched call (memory O(L), not O(B * L) as one masked call over the
+        whole batch would take); a sample without tokens pools to what attention over nothing
+        gives, zero weights on every value (the output projection's bias), not NaN."""
+        b, d = tokens.batch_size, x_ld.shape[1]
+        attn = self.attention
+        pooled = (attn.out_proj.bias if attn.out_proj.bias is not None else x_ld.new_zeros(d)).expand(b, d)
+        pooled = pooled.to(x_ld.dtype).clone()
+        lengths, starts = tokens.host_lengths(), tokens.offsets[:-1]
+        for n in sorted(set(lengths) - {0}):
+            which = [i for i, m in enumerate(lengths) if m == n]
+            first = torch.tensor([starts[i] for i in which], device=x_ld.device)
+            keys_bnd = x_ld[first[:, None] + torch.arange(n, device=x_ld.device)]
+            probes = self.probe.expand(len(which), 1, d).to(keys_bnd.dtype)
+            out = attn(probes, keys_bnd, keys_bnd, need_weights=False)[0][:, 0]
+            pooled = pooled.index_copy(0, torch.tensor(which, device=x_ld.device), out.to(pooled.dtype))
         return pooled + self.mlp(self.layernorm(pooled))
 
 

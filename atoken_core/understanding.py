@@ -229,7 +229,7 @@ def embed_samples(model: Any, modality: Any, samples: Sequence[Any], batch_size:
         else:
             ids = tokens.sample_ids()
             sums = torch.zeros(tokens.batch_size, feats_ld.shape[1], device=device, dtype=feats_ld.dtype)
-            pooled_bd = sums.index_add_(0, ids, feats_ld) / tokens.lengths[:, None].to(feats_ld.dtype)
+            pooled_bd = sums.index_add_(0, ids, feats_ld) / tokens.lengths.clamp_min(1)[:, None].to(feats_ld.dtype)
         pooled.append(pooled_bd.float().cpu())
     model.train(was_training)
     kind = "attention pool (semantic head)" if model.pool_head is not None else "mean of encoder output tokens"

@@ -318,3 +318,45 @@ def test_temporal_chunks_are_independent_samples_with_t_restarted(registries):
         model.encode(shuffled)
     with pytest.raises(ValueError, match="independent chunks"):
         model.encode_tiled(video, 2)
+
+
+def test_attention_pool_over_a_packed_batch_equals_each_sample_alone_and_survives_empty_samples():
+    """Samples of several lengths pooled in one packed batch give what each gives alone (no
+    attention across samples), and a sample with no tokens pools to a finite vector."""
+    from atoken_core.model import AttentionPool
+    from atoken_core.sparse import Sparse4D
+
+    torch.manual_seed(0)
+    pool = AttentionPool(16, 2, 32).eval()
+    lengths = [3, 5, 0, 3, 1]
+    feats = [torch.randn(n, 16) for n in lengths]
+    batch = Sparse4D.cat([Sparse4D.single(f, torch.zeros(len(f), 4, dtype=torch.long)) for f in feats])
+    with torch.no_grad():
+        together = pool(batch.features, batch)
+        alone = [pool(f, Sparse4D.single(f, torch.zeros(len(f), 4, dtype=torch.long)))[0] for f in feats]
+    assert together.shape == (5, 16) and torch.isfinite(together).all()
+    for i, a in enumerate(alone):
+        torch.testing.assert_close(together[i], a, rtol=1e-5, atol=1e-6)
+    # the empty sample: attention over nothing puts zero weight on every value -> the output bias
+    bias = pool.attention.out_proj.bias
+    torch.testing.assert_close(together[2], bias + pool.mlp(pool.layernorm(bias)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flavor", ["test", "test-siglip"])
+def test_a_sample_without_tokens_leaves_the_batch_finite(registries, flavor):
+    """An empty sample in a packed batch (an asset no view sees, a zero-size crop) gives no NaN in
+    the reconstruction or, where the flavour pools, the semantic embedding."""
+    from atoken_core.sparse import Sparse4D
+
+    model = make_model(registries, flavor=flavor).eval()
+    fd = model.spec.frame_dim
+
+    def sample(n):
+        i = torch.arange(n)
+        return Sparse4D.single(torch.randn(n, fd), torch.stack([0 * i, i % 3, i // 3, 0 * i], 1))
+
+    batch = Sparse4D.cat([sample(4), sample(0), sample(6)])
+    with torch.no_grad():
+        out = model.forward_all(batch, sample=False, semantic=model.pool_head is not None)
+    assert out.recon.shape[0] == 10 and torch.isfinite(out.recon).all()
+    assert out.semantic is None or (out.semantic.shape[0] == 3 and torch.isfinite(out.semantic).all())
