@@ -21,9 +21,8 @@ def _registries():
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from atoken_core.recipe import load_recipe
-
     from atoken_core.build import check_modalities
+    from atoken_core.recipe import load_recipe
 
     registries = _registries()
     recipe = load_recipe(args.recipe, registries, args.set)
@@ -37,10 +36,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from atoken_core.build import check_modalities
     from atoken_core.recipe import load_recipe
     from atoken_core.train import run_recipe
-
-    from atoken_core.build import check_modalities
 
     registries = _registries()
     recipe = load_recipe(args.recipe, registries, args.set)
@@ -55,12 +53,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = run_recipe(recipe, registries, args.out, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary(report, args.out or recipe.resolved_output_dir()))
+    _end_distributed()
+    return 0
+
+
+def _end_distributed() -> None:
+    """Under torchrun, leave the process group cleanly."""
     if "WORLD_SIZE" in os.environ:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 def launch_torchrun(nproc: int) -> int:
@@ -148,11 +151,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         try:
             run_extract(options)
         finally:
-            if "WORLD_SIZE" in os.environ:
-                import torch.distributed as dist
-
-                if dist.is_initialized():
-                    dist.destroy_process_group()
+            _end_distributed()
         return 0
     if args.nproc > 1:
         raise ExtractError("--nproc applies to a data folder or tar shards, not to one file")

@@ -161,6 +161,13 @@ def evaluate_images(model: Any, modality: Modality, samples: list[tuple[str, Any
     """PSNR/SSIM of every held-out sample's reconstruction against its targets (the sample
     itself; a 3D asset's held-out views), and the reconstructions."""
     recons = reconstruct_images(model, modality, [x for _, x in samples])
-    targets = modality.targets([x for _, x in samples], model.spec)
+    return score(modality, model.spec, samples, recons), recons
+
+
+def score(modality: Modality, spec: PatchSpec, samples: list[tuple[str, Any]], recons: Sequence[torch.Tensor]
+          ) -> dict[str, Any]:
+    """PSNR/SSIM of each reconstruction (the model's, or a baseline's) against its sample's targets:
+    {"mean": ..., "per_image": {name: ...}}."""
+    targets = modality.targets([x for _, x in samples], spec)
     per_image = {name: image_metrics(t, r) for (name, _), t, r in zip(samples, targets, recons)}
-    return {"mean": mean_metrics(list(per_image.values())), "per_image": per_image}, recons
+    return {"mean": mean_metrics(list(per_image.values())), "per_image": per_image}

@@ -171,20 +171,13 @@ def list_items(kind: str, urls: Sequence[str], suffixes: Sequence[str],
     return items
 
 
-def _read_member(item: Item) -> bytes:
-    fs, path = fsspec.core.url_to_fs(item.url)
-    offset, size = item.part
-    data = fs.cat_file(path, start=offset, end=offset + size)
-    if len(data) != size:
-        raise ExtractError(f"{item.name}: truncated member ({len(data)} of {size} bytes)")
-    return data
-
-
 def read_item(modality: Any, item: Item) -> Any:
     """The sample of ``item`` as the modality reads it (its internal form)."""
+    from atoken_core.tarshards import read_range
+
     if item.part is None:
         return modality.read(item.url)
-    return modality.read_bytes(_read_member(item), item.name)
+    return modality.read_bytes(read_range(item.url, *item.part, item.name), item.name)
 
 
 def rank_shards(n_samples: int, rank: int, world: int, shard_samples: int) -> list[list[int]]:
@@ -333,11 +326,6 @@ class ExtractOptions:
     device: str | None = None  # one process: default cuda when available; under torchrun each rank's own
     progress: bool = True
     workers: int = 4  # threads reading and decoding samples ahead of the encoder (0: none)
-
-
-def _encode_sample(tok: Any, mod: Any, modality: str, sample: Any) -> Any:
-    """``tok.encode`` of a sample the modality has already read (its own form)."""
-    return tok.encode(sample, modality, read=True)
 
 
 def _read_ahead(items: Sequence[Item], read: Callable[[Item], Any], workers: int) -> Iterator[tuple[Item, Any]]:
@@ -580,7 +568,7 @@ def run_extract(options: ExtractOptions, log: Callable[[str], None] = print) -> 
                 try:
                     if isinstance(sample, UserError):
                         raise sample
-                    encodings.append((item.name, _encode_sample(tok, mod, modality, sample)))
+                    encodings.append((item.name, tok.encode(sample, modality, read=True)))
                 except UserError as err:
                     skipped.append([item.name, str(err).splitlines()[0]])
                 bar.update(1)

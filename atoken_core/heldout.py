@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from atoken_core.evaluate import PCABaseline, image_metrics, mean_metrics, preview_rows, reconstruct, save_grid
+from atoken_core.evaluate import PCABaseline, evaluate_images, preview_rows, reconstruct, save_grid, score
 
 
 class HeldOut:
@@ -35,12 +35,7 @@ class HeldOut:
         run, results = self.run, {}
         with run.ema.applied(run.model):
             for name, modality in run.modalities.items():
-                samples = self.samples(name)
-                recons = [r.sample for r in reconstruct(run.model, modality, [x for _, x in samples])]
-                targets = modality.targets([x for _, x in samples], run.model.spec)
-                per = {n: image_metrics(t, r) for (n, _), t, r in zip(samples, targets, recons)}
-                results[name] = {"mean": mean_metrics(list(per.values())), "per_image": per}
-                self._last_recons[name] = recons
+                results[name], self._last_recons[name] = evaluate_images(run.model, modality, self.samples(name))
         return results
 
     def pca(self, name: str) -> PCABaseline:
@@ -59,9 +54,7 @@ class HeldOut:
             pca = self.pca(name)
             samples = self.samples(name)
             recons = [pca.reconstruct(x) for _, x in samples]
-            targets = modality.targets([x for _, x in samples], self.run.model.spec)
-            per = {n: image_metrics(t, r) for (n, _), t, r in zip(samples, targets, recons)}
-            out[name] = {"mean": mean_metrics(list(per.values())), "per_image": per,
+            out[name] = {**score(modality, self.run.model.spec, samples, recons),
                          "components": pca.k, "explained_variance": pca.explained}
             self._pca_recons[name] = recons
         return out

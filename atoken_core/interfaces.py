@@ -101,21 +101,25 @@ class Modality(abc.ABC):
 
     def load_eval(self, data: str, request: EvalRequest) -> EvalData:
         """The held-out set ``atoken eval`` scores: by default every file under the folder ``data``
-        with one of :attr:`suffixes`, read with :meth:`read` (unreadable files, those raising a
+        with one of :attr:`suffixes`, read with :meth:`read_eval` (unreadable files, those raising a
         :class:`~atoken_core.errors.UserError`, are skipped with their message)."""
-        from atoken_core.errors import UserError
         from atoken_core.io import files_under
 
         samples, skipped = [], []
         for rel, url in files_under(data, self.suffixes):
             try:
-                samples.append((rel, self.read(url)))
+                samples.append((rel, self.read_eval(url, request)))
             except UserError as err:
                 skipped.append(str(err))
         if not samples:
             raise ModalityError(f"{data}: no readable {self.noun} for modality {self.name!r} (files ending in "
                                 f"{', '.join(self.suffixes) or '(none declared)'}; {len(skipped)} unreadable)")
         return EvalData(samples, skipped)
+
+    def read_eval(self, url: str, request: EvalRequest) -> Any:
+        """One held-out file as :meth:`load_eval` reads it: :meth:`read` by default; a modality may
+        read less (a clip's first ``request.max_frames`` frames) or shrink it."""
+        return self.read(url)
 
     def preview(self, x: torch.Tensor) -> torch.Tensor:
         """What figures show of a target or reconstruction (what :meth:`targets` / :meth:`unpatchify`

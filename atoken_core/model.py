@@ -107,14 +107,7 @@ class AttentionGroups:
         n = tokens.uniform_length()
         if n is not None:
             return cls(n)
-        starts, lengths = tokens.offsets[:-1], tokens.host_lengths()
-        device = tokens.cu_seqlens.device
-        rows = []
-        for length in sorted(set(lengths)):
-            if length:
-                first = torch.tensor([a for a, n in zip(starts, lengths) if n == length], device=device)
-                rows.append((length, first[:, None] + torch.arange(length, device=device)))
-        return cls(None, tuple(rows))
+        return cls(None, tuple((length, rows) for length, _, rows in tokens.length_groups()))
 
 
 def packed_attention(q_lhd: torch.Tensor, k_lhd: torch.Tensor, v_lhd: torch.Tensor,
@@ -264,11 +257,8 @@ class AttentionPool(nn.Module):
         attn = self.attention
         pooled = (attn.out_proj.bias if attn.out_proj.bias is not None else x_ld.new_zeros(d)).expand(b, d)
         pooled = pooled.to(x_ld.dtype).clone()
-        lengths, starts = tokens.host_lengths(), tokens.offsets[:-1]
-        for n in sorted(set(lengths) - {0}):
-            which = [i for i, m in enumerate(lengths) if m == n]
-            first = torch.tensor([starts[i] for i in which], device=x_ld.device)
-            keys_bnd = x_ld[first[:, None] + torch.arange(n, device=x_ld.device)]
+        for _, which, rows_bn in tokens.length_groups():
+            keys_bnd = x_ld[rows_bn]
             probes = self.probe.expand(len(which), 1, d).to(keys_bnd.dtype)
             out = attn(probes, keys_bnd, keys_bnd, need_weights=False)[0][:, 0]
             pooled = pooled.index_copy(0, torch.tensor(which, device=x_ld.device), out.to(pooled.dtype))

@@ -91,6 +91,17 @@ class Sparse4D:
         lengths = self.host_lengths()
         return lengths[0] if lengths and all(n == lengths[0] for n in lengths) else None
 
+    def length_groups(self) -> list[tuple[int, list[int], torch.Tensor]]:
+        """The samples grouped by token count, shortest first, empty samples left out: (length,
+        sample indices, (b, length) token rows), from the host copy of the offsets."""
+        device, lengths = self.cu_seqlens.device, self.host_lengths()
+        groups = []
+        for n in sorted(set(lengths) - {0}):
+            which = [i for i, m in enumerate(lengths) if m == n]
+            first = torch.tensor([self.offsets[i] for i in which], device=device)
+            groups.append((n, which, first[:, None] + torch.arange(n, device=device)))
+        return groups
+
     def to(self, device: torch.device | str) -> Sparse4D:
         return Sparse4D(self.features.to(device), self.coords.to(device), self.cu_seqlens.to(device), self.offsets)
 

@@ -251,21 +251,27 @@ class FileIndex:
 
 def read_parts(ref: Ref) -> dict[str, bytes]:
     """The bytes of a sample's members, each by one ranged read (the whole file for a folder's)."""
-    fs, path = fsspec.core.url_to_fs(ref.url)
     out = {role: text.encode("utf-8") for role, text in ref.texts.items()}
     for role, part in ref.parts.items():
-        where = path if part.url is None else fsspec.core.url_to_fs(part.url)[1]
-        try:
-            data = fs.cat_file(where) if ref.whole_file else fs.cat_file(where, start=part.offset,
-                                                                         end=part.offset + part.size)
-        except FileNotFoundError:
-            raise ShardError(f"{ref.name}: {'file' if ref.whole_file else 'shard'} not found") from None
-        except (IsADirectoryError, PermissionError) as err:
-            raise ShardError(f"{ref.name}: cannot read: {err}") from None
-        if not ref.whole_file and len(data) != part.size:
-            raise ShardError(f"{ref.name}: truncated member ({role}: {len(data)} of {part.size} bytes)")
-        out[role] = data
+        url = part.url or ref.url
+        out[role] = (read_range(url, None, None, ref.name) if ref.whole_file
+                     else read_range(url, part.offset, part.size, ref.name, f"member {role}"))
     return out
+
+
+def read_range(url: str, offset: int | None, size: int | None, name: str, what: str = "member") -> bytes:
+    """``size`` bytes of ``url`` from ``offset`` by one ranged read (the whole file when both are
+    None); errors are :class:`ShardError` naming ``name`` (a short read: "truncated ``what``")."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        data = fs.cat_file(path) if offset is None else fs.cat_file(path, start=offset, end=offset + size)
+    except FileNotFoundError:
+        raise ShardError(f"{name}: {'file' if offset is None else 'shard'} not found") from None
+    except (IsADirectoryError, PermissionError) as err:
+        raise ShardError(f"{name}: cannot read: {err}") from None
+    if size is not None and len(data) != size:
+        raise ShardError(f"{name}: truncated {what} ({len(data)} of {size} bytes)")
+    return data
 
 
 def write_shards(samples: Iterable[tuple[str, Mapping[str, bytes | str | int]]], pattern: str,

@@ -289,11 +289,10 @@ class Run:
     @staticmethod
     def log_row(step: int, row: dict[str, Any], seconds: float) -> dict[str, Any]:
         """A step's metrics.jsonl row: its device values read to the host in one transfer."""
-        names = list(row["values"]) + (["grad_norm"] if row["grad_norm"] is not None else [])
-        tensors = list(row["values"].values()) + ([row["grad_norm"]] if row["grad_norm"] is not None else [])
-        read = dict(zip(names, torch.stack(tensors).double().cpu().tolist()))
-        return {"step": step, "stage": row["stage"], "loss": read.pop("loss"), **read, "lr": row["lr"],
-                "grad_norm": read.pop("grad_norm", 0.0), "seconds": round(seconds, 3)}
+        grad = row["grad_norm"]
+        read = torch.stack([*row["values"].values(), *([grad] if grad is not None else [])]).double().cpu().tolist()
+        return {"step": step, "stage": row["stage"], **dict(zip(row["values"], read)), "lr": row["lr"],
+                "grad_norm": read[-1] if grad is not None else 0.0, "seconds": round(seconds, 3)}
 
     # ------------------------------------------------------------------ main loop
     def run(self, resume: bool = False, create_parents: bool = False) -> dict[str, Any]:

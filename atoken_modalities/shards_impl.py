@@ -85,15 +85,22 @@ def _pick(u: float, n: int) -> int:
     return min(int(u * n), n - 1)
 
 
+def crop_window(x: torch.Tensor, u: Sequence[float], crop: int) -> torch.Tensor:
+    """A view of the ``crop`` x ``crop`` window (..., H, W) of ``x`` whose top-left corner ``u[1]``,
+    ``u[2]`` choose (each side whole when it is shorter than ``crop``)."""
+    h, w = x.shape[-2:]
+    ch, cw = min(crop, h), min(crop, w)
+    top, left = _pick(u[1], h - ch + 1), _pick(u[2], w - cw + 1)
+    return x[..., top : top + ch, left : left + cw]
+
+
 def crop_sample(x: torch.Tensor, u: Sequence[float], crop: int, frames: int | None) -> torch.Tensor:
     """The crop (and flip) a plan's uniform numbers choose, as a fresh tensor (so pickling it
     does not carry the whole decoded sample)."""
     if frames is not None:
         start = _pick(u[0], x.shape[0] - frames + 1)
         x = x[start : start + frames]
-    h, w = x.shape[-2:]
-    top, left = _pick(u[1], h - crop + 1), _pick(u[2], w - crop + 1)
-    x = x[..., top : top + crop, left : left + crop]
+    x = crop_window(x, u, crop)
     return x.flip(-1) if u[3] < 0.5 else x.clone()
 
 
@@ -120,10 +127,10 @@ def decode(config: Any, mode: str, ref: Ref, blobs: Mapping[str, bytes], u: Sequ
         raise ShardError(f"{ref.name}: empty member (0 bytes)")
     c = config
     if modality is not None:
-        x = modality.read_bytes(media, f"{ref.name}")
+        x = modality.read_bytes(media, ref.name)
         if mode == "eval" or not torch.is_tensor(x) or x.ndim < 2:
             return x
-        return x if mode == "pool" else crop_window(x, u, c.crop)
+        return x if mode == "pool" else crop_window(x, u, c.crop).clone()
     if c.modality == "image":
         x = image_from_bytes(media, ref.name)  # atoken_modalities.image_impl
         if mode == "eval":
@@ -151,15 +158,6 @@ def decode(config: Any, mode: str, ref: Ref, blobs: Mapping[str, bytes], u: Sequ
     if c.rotate:
         mesh = mesh.rotated(rotation_y(u[4] * 2 * math.pi))
     return make_asset(mesh, cameras, c.resolution)
-
-
-def crop_window(x: torch.Tensor, u: Sequence[float], crop: int) -> torch.Tensor:
-    """The ``crop`` x ``crop`` window (..., H, W) of ``x`` whose top-left corner ``u[1]``, ``u[2]``
-    choose (each side whole when it is shorter than ``crop``)."""
-    h, w = x.shape[-2:]
-    ch, cw = min(crop, h), min(crop, w)
-    top, left = _pick(u[1], h - ch + 1), _pick(u[2], w - cw + 1)
-    return x[..., top : top + ch, left : left + cw].clone()
 
 
 def _text(data: bytes | None) -> str | None:

@@ -17,7 +17,6 @@ from einops import rearrange
 from atoken_core.errors import UserError
 from atoken_core.imaging import resize_within
 from atoken_core.interfaces import EvalData, EvalRequest, Modality, PatchSpec, Tokens
-from atoken_core.io import files_under
 from atoken_core.sparse import Sparse4D
 from atoken_modalities.image_impl import center_crop, save_image
 
@@ -81,20 +80,15 @@ class VideoModality(Modality):
         p = spec.patch_size
         return torch.rand(spec.temporal_patch + 1, self.channels, 2 * p, 2 * p - 1, generator=generator) * 2 - 1
 
+    def read_eval(self, url: str, request: EvalRequest) -> torch.Tensor:
+        """The first ``request.max_frames`` frames of a clip, downscaled to ``request.max_side``."""
+        return resize_within(load_video(url, max_frames=request.max_frames), max_side=request.max_side)
+
     def load_eval(self, data: str, request: EvalRequest) -> EvalData:
-        """The first ``request.max_frames`` frames of every readable video under ``data``,
-        downscaled to ``request.max_side``."""
-        samples, skipped = [], []
-        for name, url in files_under(data, self.suffixes):
-            try:
-                samples.append((name, resize_within(load_video(url, max_frames=request.max_frames),
-                                                    max_side=request.max_side)))
-            except VideoError as err:
-                skipped.append(str(err))
-        if not samples:
-            raise VideoError(f"{data}: no readable videos ({len(skipped)} unreadable)")
-        return EvalData(samples, skipped, {"max_side": request.max_side, "max_frames": request.max_frames,
-                                           "psnr_ssim_lpips": "per frame, averaged over each clip's frames, then over clips"})
+        found = super().load_eval(data, request)
+        return EvalData(found.samples, found.skipped, {
+            "max_side": request.max_side, "max_frames": request.max_frames,
+            "psnr_ssim_lpips": "per frame, averaged over each clip's frames, then over clips"})
 
     def figure(self, target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Up to 8 evenly spaced frames side by side: the original above, the reconstruction below."""

@@ -95,9 +95,11 @@ def test_round_robin_reduces_gradients_once_per_optimiser_step(tmp_path, cache):
             "data.video.frames=2", "data.video.max_side=64", 'loss=[{kind="l1"}]',
             'stage=[{name="both", steps=2, batch_size=2, modalities=["image", "video"]}]']
     env = {**os.environ, "ATOKEN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    str(root / "tests" / "collectives_script.py"), str(out), str(root / "recipes" / "tiny-video.toml"),
-                    *sets], check=True, cwd=root, env=env, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(root / "tests" / "collectives_script.py"), str(out),
+                           str(root / "recipes" / "tiny-video.toml"), *sets],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     for step in report["steps"]:
         assert step["finite"] and step["micro_steps"] == 2
